@@ -1,0 +1,176 @@
+"""The `cdad` command: demo-data, shards build/verify, train, predict, report, bench."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cdad_dist.errors import CdadError
+
+
+def _add_train_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="experiment YAML (default: configs/demo.yaml)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.lr=1e-4 (repeatable)",
+    )
+    parser.add_argument("--resume", action="store_true", help="continue runs/NAME from its newest checkpoint")
+    parser.add_argument("--tasks", default=None, help="run only tasks START:STOP of the sequence (e.g. 1:3)")
+
+
+def _load_train_config(args):
+    from cdad_dist.config import load_config
+
+    overrides = list(args.overrides)
+    if args.tasks is not None:
+        overrides.append(f"tasks={args.tasks}")
+    return load_config(args.config, overrides)
+
+
+def _run_training(args) -> int:
+    from cdad_dist.engine.trainer import train
+
+    cfg = _load_train_config(args)
+    train(cfg, resume=args.resume)
+    return 0
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """`train.py`: the accelerate-launch entry."""
+    parser = argparse.ArgumentParser(prog="train.py", description=__doc__)
+    _add_train_args(parser)
+    args = parser.parse_args(argv)
+    return _guard(_run_training, args)
+
+
+def _guard(fn, args) -> int:
+    try:
+        return fn(args)
+    except CdadError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+# ---------------------------------------------------------------------------------------------------- commands
+def _cmd_demo_data(args) -> int:
+    from cdad_dist.data.demo import make_demo_dataset
+
+    out = make_demo_dataset(Path(args.out), size=args.size, seed=args.seed)
+    print(f"demo dataset written to {out}")
+    return 0
+
+
+def _cmd_shards_build(args) -> int:
+    from cdad_dist.data.catalog import scan_dataset
+    from cdad_dist.data.shards import build_shards
+
+    kwargs = {"name": args.name} if args.dataset == "folder" else {}
+    if args.dataset == "visa" and args.split_csv:
+        kwargs["split_csv"] = args.split_csv
+    catalog = scan_dataset(args.dataset, Path(args.root), skip_bad=args.skip_bad, **kwargs)
+    if catalog.skipped:
+        print(f"skipped {len(catalog.skipped)} bad sample(s):")
+        for path, reason in catalog.skipped:
+            print(f"  {path}: {reason}")
+    manifest = build_shards(
+        catalog.records, Path(args.out), image_size=args.size, samples_per_shard=args.samples_per_shard,
+        num_workers=args.workers, skip_bad=args.skip_bad,
+    )
+    n_shards = sum(len(g["shards"]) for g in manifest["groups"].values())
+    n_samples = sum(g["count"] for g in manifest["groups"].values())
+    print(f"{n_samples} samples in {n_shards} shards, {len(manifest['groups'])} groups -> {args.out}")
+    return 0
+
+
+def _cmd_shards_verify(args) -> int:
+    from cdad_dist.data.shards import verify_shards
+
+    report = verify_shards(Path(args.dir))
+    print(report)
+    return 0
+
+
+def _cmd_train(args) -> int:
+    return _run_training(args)
+
+
+def _cmd_report(args) -> int:
+    from cdad_dist.eval.report import compare_runs
+
+    print(compare_runs([Path(d) for d in args.runs]))
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    from cdad_dist.eval.predict import predict
+
+    predict(Path(args.run), [Path(p) for p in args.inputs], Path(args.out), task=args.task, threshold=args.threshold)
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from cdad_dist.bench import run_benchmarks
+
+    results = run_benchmarks(args.name, quick=args.quick, out_dir=Path(args.out))
+    print(json.dumps({k: v.get("summary", "") for k, v in results.items()}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cdad", description="cdad-dist: continual anomaly detection with diffusion")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo-data", help="write the generated demo dataset (MVTec layout)")
+    demo.add_argument("--out", required=True)
+    demo.add_argument("--size", type=int, default=128)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_cmd_demo_data)
+
+    shards = sub.add_parser("shards", help="build or verify WebDataset shards").add_subparsers(dest="action", required=True)
+    build = shards.add_parser("build")
+    build.add_argument("--dataset", choices=["mvtec", "visa", "folder"], required=True)
+    build.add_argument("--root", required=True)
+    build.add_argument("--out", required=True)
+    build.add_argument("--size", type=int, default=None, help="pre-resize images to SIZE×SIZE")
+    build.add_argument("--name", default="folder", help="dataset name for --dataset folder (e.g. demo)")
+    build.add_argument("--split-csv", default=None, help="VisA split file (default ROOT/split_csv/1cls.csv)")
+    build.add_argument("--samples-per-shard", type=int, default=None)
+    build.add_argument("--workers", type=int, default=1)
+    build.add_argument("--skip-bad", action="store_true", help="skip and count bad samples instead of failing")
+    build.set_defaults(func=_cmd_shards_build)
+    verify = shards.add_parser("verify")
+    verify.add_argument("dir")
+    verify.set_defaults(func=_cmd_shards_verify)
+
+    train_p = sub.add_parser("train", help="train in this process (use `accelerate launch train.py` for several)")
+    _add_train_args(train_p)
+    train_p.set_defaults(func=_cmd_train)
+
+    predict = sub.add_parser("predict", help="anomaly maps and scores for images with a trained run")
+    predict.add_argument("--run", required=True)
+    predict.add_argument("--task", default="latest")
+    predict.add_argument("--threshold", type=float, default=None)
+    predict.add_argument("--out", required=True)
+    predict.add_argument("inputs", nargs="+")
+    predict.set_defaults(func=_cmd_predict)
+
+    report = sub.add_parser("report", help="compare several runs in one table")
+    report.add_argument("runs", nargs="+")
+    report.set_defaults(func=_cmd_report)
+
+    bench = sub.add_parser("bench", help="benchmarks; each prints ratios measured in one run")
+    bench.add_argument("name", help="isvd | projection | inference | continual | throughput | basis | storage | all")
+    bench.add_argument("--quick", action="store_true")
+    bench.add_argument("--out", default="runs/bench")
+    bench.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return _guard(args.func, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

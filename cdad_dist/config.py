@@ -1,0 +1,193 @@
+"""Typed run configuration: dataclasses, YAML loading and `--set a.b=c` overrides.
+
+Each module owns the dataclass of its own options (model preset, NSA, continual strategy, reconstruction, anomaly
+map); this file only composes them. Loading goes through `dacite` in strict mode, so an unknown key or a value of
+the wrong type is an error that names the dotted key.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import dacite
+import yaml
+
+from cdad_dist.continual.strategy import ContinualConfig
+from cdad_dist.data.perturb import NSAConfig
+from cdad_dist.errors import ConfigError
+from cdad_dist.eval.anomaly_map import AnomalyMapConfig
+from cdad_dist.eval.reconstruct import ReconstructionConfig
+from cdad_dist.models.presets import ModelConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are streamed."""
+
+    dataset: Literal["demo", "mvtec", "visa", "folder"] = "demo"
+    root: str = "demo_data"  # dataset root; for `demo` it is generated there when missing
+    folder_name: str = "folder"  # dataset name of a generic folder dataset (`dataset: folder`)
+    shards: str = "shards/demo"  # WebDataset shard directory; built from `root` when missing
+    shard_image_size: int | None = 128  # images are pre-resized to this side when shards are built
+    samples_per_shard: int | None = 16  # None: about 1 GB per shard
+    skip_bad: bool = False
+    batch_size: int = 8  # per process
+    num_workers: int = 0
+    shuffle_buffer: int = 64
+    nsa: NSAConfig = field(default_factory=NSAConfig)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation budget and schedule, per task (base task and incremental tasks separately, as the paper)."""
+
+    base_steps: int = 1500
+    incremental_steps: int = 500
+    base_epochs: float = 0.0  # > 0 overrides base_steps (epochs of the task's training images)
+    incremental_epochs: float = 0.0
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 50
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: what `accelerate launch` was given
+    seed: int = 0
+    checkpoint_every: int = 0  # steps; 0 = only at task ends
+    keep_last: int = 2  # mid-task checkpoints kept (task-end checkpoints are always kept)
+    log_every: int = 25
+    max_bad_steps: int = 20  # consecutive non-finite losses before the run stops
+
+
+@dataclass
+class EvalConfig:
+    reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
+    anomaly_map: AnomalyMapConfig = field(default_factory=AnomalyMapConfig)
+    batch_size: int = 16
+    heatmap_images: int = 2  # per class: this many normal and this many anomalous images in the heatmap grid
+    max_test_per_class: int | None = None
+
+
+@dataclass
+class RunConfig:
+    name: str = "demo"
+    output_dir: str = "runs"
+    sequence: str | list[list[str]] = "demo-3x2"
+    tasks: str | None = None  # run a slice of the sequence, e.g. "1:3" (one job per task on clusters)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+def _to_float(value: Any) -> float:
+    # YAML reads `1e-4` as a string and `1` as an int; both are meant as floats.
+    if isinstance(value, bool):
+        raise TypeError(value)
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value  # type: ignore[return-value]  # dacite then reports the wrong type
+    return value
+
+
+_DACITE = dacite.Config(strict=True, cast=[tuple], type_hooks={float: _to_float})
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
+    try:
+        return dacite.from_dict(RunConfig, data, config=_DACITE)
+    except dacite.UnexpectedDataError as err:
+        keys = ", ".join(sorted(err.keys))
+        raise ConfigError(f"{source}: unknown key(s) {keys}") from None
+    except dacite.WrongTypeError as err:
+        raise ConfigError(
+            f"{source}: key '{err.field_path}' must be {_type_name(err.field_type)}, got {err.value!r}"
+        ) from None
+    except dacite.DaciteError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides; values are parsed as YAML (`1e-4`, `[a, b]`, `null`, `true`)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: '{part}' is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config (default `configs/demo.yaml`), apply overrides, validate types and keys."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    data: dict[str, Any] = {}
+    if path.exists():
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    elif path != DEFAULT_CONFIG:
+        raise ConfigError(f"config file not found: {path}")
+    data = apply_overrides(data, overrides or [])
+    cfg = config_from_dict(data, source=str(path))
+    validate(cfg, str(path))
+    return cfg
+
+
+def validate(cfg: RunConfig, source: str) -> None:
+    checks = [
+        (cfg.data.batch_size > 0, "data.batch_size must be > 0"),
+        (cfg.train.grad_accum > 0, "train.grad_accum must be > 0"),
+        (cfg.train.base_steps > 0 or cfg.train.base_epochs > 0, "train.base_steps or train.base_epochs must be > 0"),
+        (cfg.train.lr > 0, "train.lr must be > 0"),
+        (bool(cfg.name) and "/" not in cfg.name, "name must be a non-empty directory name"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"{source}: {message}")
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    def convert(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [convert(v) for v in value]
+        if isinstance(value, list):
+            return [convert(v) for v in value]
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        return value
+
+    return convert(dataclasses.asdict(cfg))
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

@@ -1,0 +1,249 @@
+"""Capture of protected-layer inputs with forward hooks, streamed straight into per-layer sketches.
+
+Each hook turns the layer's input into a block d × m (a conv's input through ``F.unfold`` with the layer's own
+kernel/stride/padding/dilation, so that ``weight.view(out, -1) @ block`` is the conv output), optionally keeps a
+seeded random subset of its columns, and feeds it to that layer's sketch at once; raw activations of all layers
+are never held together.
+"""
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cdad_dist.continual.sketches import Sketch
+from cdad_dist.errors import ConfigError
+
+CAPTURE_MODES = ("trajectory", "random_t")
+_PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
+
+
+@dataclass
+class CaptureConfig:
+    """Which forward passes feed the sketches after a task."""
+
+    mode: str = "trajectory"  # trajectory: DDIM steps from the start timestep as at test time; random_t
+    images: float | int = 0.1  # int ≥ 1: number of images (over all ranks); float in (0, 1]: fraction
+    max_columns_per_block: int | None = None  # None keeps every column of every block
+    seed: int = 0
+    ddim_steps: int = 10  # trajectory mode
+    random_timesteps: int = 10  # random_t mode: timesteps drawn per image
+
+    def __post_init__(self) -> None:
+        if self.mode not in CAPTURE_MODES:
+            raise ConfigError(f"continual.capture.mode must be one of {CAPTURE_MODES}, got {self.mode!r}")
+        images = self.images
+        if isinstance(images, bool) or not isinstance(images, (int, float)):
+            raise ConfigError(f"continual.capture.images must be an int count or a float fraction, got {images!r}")
+        if isinstance(images, int) and images < 1:
+            raise ConfigError(f"continual.capture.images: a count must be >= 1, got {images}")
+        if isinstance(images, float) and not 0.0 < images <= 1.0:
+            raise ConfigError(f"continual.capture.images: a fraction must be in (0, 1], got {images}")
+        if self.max_columns_per_block is not None and self.max_columns_per_block < 1:
+            raise ConfigError("continual.capture.max_columns_per_block must be >= 1 or null, "
+                              f"got {self.max_columns_per_block}")
+        for key in ("ddim_steps", "random_timesteps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"continual.capture.{key} must be >= 1, got {getattr(self, key)}")
+
+
+def layer_input_block(module: nn.Module, x: Tensor) -> Tensor:
+    """The layer input as a d × m matrix whose columns are what the weight (out × d) multiplies."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, x.shape[-1]).mT
+    if isinstance(module, nn.Conv2d):
+        if x.dim() == 3:  # unbatched conv input C × H × W
+            x = x.unsqueeze(0)
+        x = _pad_like_conv(module, x)
+        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=0, stride=module.stride)
+        return cols.permute(1, 0, 2).reshape(cols.shape[1], -1)  # (C·kh·kw) × (B·L)
+    raise ConfigError(f"continual: cannot capture inputs of {type(module).__name__}")
+
+
+def _pad_like_conv(module: nn.Conv2d, x: Tensor) -> Tensor:
+    """Apply the conv's own padding (int, 'same' or 'valid'; any padding_mode) so unfold can use padding=0."""
+    if module.padding == "valid":
+        return x
+    if module.padding == "same":
+        pads = []
+        for k, dil in zip(reversed(module.kernel_size), reversed(module.dilation)):
+            total = dil * (k - 1)
+            pads += [total // 2, total - total // 2]
+    else:
+        ph, pw = module.padding
+        pads = [pw, pw, ph, ph]
+    if not any(pads):
+        return x
+    return F.pad(x, pads, mode=_PAD_MODES[module.padding_mode])
+
+
+def _layer_seed(seed: int, rank: int, name: str) -> int:
+    """Stable per-(run seed, rank, layer) seed; Python's hash() is salted per process, crc32 is not."""
+    return (seed * 1_000_003 + rank * 7919 + zlib.crc32(name.encode())) % (2 ** 63)
+
+
+class FeatureCapture:
+    """Context manager: forward hooks that sketch each protected layer's input as it is computed."""
+
+    def __init__(self, layers: dict[str, nn.Module], sketches: dict[str, Sketch],
+                 max_columns: int | None = None, seed: int = 0, rank: int = 0,
+                 sketch_device: torch.device | str | None = None) -> None:
+        missing = set(layers) - set(sketches)
+        if missing:
+            raise ConfigError(f"FeatureCapture: no sketch for layers {sorted(missing)[:5]}")
+        self.layers, self.sketches = layers, sketches
+        self.max_columns = max_columns
+        self.sketch_device = torch.device(sketch_device) if sketch_device is not None else None
+        self._generators = {name: torch.Generator().manual_seed(_layer_seed(seed, rank, name)) for name in layers}
+        self._handles: list = []
+        self.calls = {name: 0 for name in layers}
+
+    def __enter__(self) -> FeatureCapture:
+        for name, module in self.layers.items():
+            self._handles.append(module.register_forward_hook(self._make_hook(name), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _make_hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+            x = args[0] if args else kwargs["input"]
+            block = self.subsample(name, layer_input_block(module, x.detach()))
+            if self.sketch_device is not None:
+                block = block.to(self.sketch_device)
+            self.sketches[name].update(block)  # the sketch casts to its own compute dtype
+            self.calls[name] += 1
+        return hook
+
+    def subsample(self, name: str, block: Tensor) -> Tensor:
+        """Keep a seeded random subset of at most ``max_columns`` columns (in their original order)."""
+        m = block.shape[1]
+        if self.max_columns is None or m <= self.max_columns:
+            return block
+        keep = torch.randperm(m, generator=self._generators[name])[: self.max_columns].sort().values
+        return block.index_select(1, keep.to(block.device))
+
+
+# -- which images feed the capture pass ---------------------------------------------------------------------------
+
+def _batch_size(batch: dict) -> int:
+    for value in batch.values():
+        if isinstance(value, Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+        if isinstance(value, (list, tuple)):
+            return len(value)
+    raise ConfigError("capture batch has no tensor or list field to take its size from")
+
+
+def _take_rows(batch: dict, rows: list[int]) -> dict:
+    """Sub-batch with the given rows of every per-sample field (tensors are copied, not views)."""
+    size = _batch_size(batch)
+    out = {}
+    index = torch.tensor(rows, dtype=torch.long)
+    for key, value in batch.items():
+        if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == size:
+            out[key] = value.index_select(0, index.to(value.device))
+        elif isinstance(value, (list, tuple)) and len(value) == size:
+            out[key] = type(value)(value[i] for i in rows)
+        else:
+            out[key] = value
+    return out
+
+
+def _concat(rows: list[dict]) -> dict:
+    out = {}
+    for key, value in rows[0].items():
+        if isinstance(value, Tensor) and value.dim() > 0:
+            out[key] = torch.cat([r[key] for r in rows])
+        elif isinstance(value, (list, tuple)):
+            out[key] = type(value)(v for r in rows for v in r[key])
+        else:
+            out[key] = value
+    return out
+
+
+def local_count(total: int, rank: int, world: int) -> int:
+    """This rank's share of a global image count (the first total % world ranks take one more)."""
+    return total // world + (1 if rank < total % world else 0)
+
+
+def select_capture_batches(batches: Iterable[dict], cfg: CaptureConfig, rank: int = 0, world: int = 1,
+                           task_index: int = 0) -> Iterator[dict]:
+    """Yield this rank's seeded sample of its own images.
+
+    Fraction: an independent seeded coin per image, streamed. Count: a uniform reservoir sample of this rank's
+    share (the selected images, not activations, are held), re-batched at the incoming batch size.
+    """
+    rng = np.random.default_rng([cfg.seed, task_index, rank])
+    if isinstance(cfg.images, float):
+        for batch in batches:
+            keep = np.flatnonzero(rng.random(_batch_size(batch)) < cfg.images).tolist()
+            if keep:
+                yield _take_rows(batch, keep)
+        return
+    quota = local_count(int(cfg.images), rank, world)
+    reservoir: list[dict] = []
+    seen, batch_size = 0, 1
+    for batch in batches:
+        size = _batch_size(batch)
+        batch_size = max(batch_size, size)
+        for row in range(size):
+            if len(reservoir) < quota:
+                reservoir.append(_take_rows(batch, [row]))
+            else:
+                slot = int(rng.integers(0, seen + 1))
+                if slot < quota:
+                    reservoir[slot] = _take_rows(batch, [row])
+            seen += 1
+    for start in range(0, len(reservoir), batch_size):
+        yield _concat(reservoir[start:start + batch_size])
+
+
+def make_capture_forward(model: nn.Module, cfg: CaptureConfig, rank: int = 0,
+                         device: torch.device | str | None = None) -> Callable[[dict], None]:
+    """A ``capture_forward(batch)`` for the CDAD model API (encode / condition / predict_eps / noise_scheduler).
+
+    trajectory: z noised to the first DDIM timestep (t=999 with the model's "trailing" DDIM config), then
+    ``ddim_steps`` DDIM steps (η = 0) as at test time; random_t: ``random_timesteps`` independent noisings at uniform t. The AMN condition is computed once per
+    image. Noise comes from a generator seeded with (seed, rank), so the capture pass is reproducible.
+    """
+    from diffusers import DDIMScheduler
+
+    # A private copy: set_timesteps mutates a scheduler, and the model's own one serves evaluation.
+    source = getattr(model, "ddim_scheduler", None) or model.noise_scheduler
+    scheduler = DDIMScheduler.from_config(source.config)
+    scheduler.set_timesteps(cfg.ddim_steps)
+    num_train = int(scheduler.config.num_train_timesteps)
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank)
+
+    @torch.no_grad()
+    def capture_forward(batch: dict) -> None:
+        x = batch["image"].to(device) if device is not None else batch["image"]
+        z0 = model.encode(x)
+        c = model.condition(x)
+        n = z0.shape[0]
+        if cfg.mode == "trajectory":
+            noise = torch.randn(z0.shape, generator=generator).to(z0)
+            t0 = scheduler.timesteps[0]
+            z = scheduler.add_noise(z0, noise, t0.repeat(n))
+            for t in scheduler.timesteps:
+                eps = model.predict_eps(z, t.repeat(n).to(z.device), c)
+                z = scheduler.step(eps, t, z).prev_sample
+            return
+        for _ in range(cfg.random_timesteps):
+            noise = torch.randn(z0.shape, generator=generator).to(z0)
+            t = torch.randint(0, num_train, (n,), generator=generator)
+            model.predict_eps(scheduler.add_noise(z0, noise, t), t.to(z0.device), c)
+
+    return capture_forward

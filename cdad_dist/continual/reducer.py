@@ -1,0 +1,228 @@
+"""Cross-rank reduction of per-layer sketches into one basis per layer, bit-identical on every rank.
+
+Every rank sketched only its own images. For each layer (sorted by name, so all ranks issue the same
+collectives) one *owner* rank receives the others' sketches — ``reduce`` (sum) of the Gram matrices, ``gather``
+of the iSVD factors U·Σ, merged in rank order — then finalises the layer (e.g. the GPM merge with the old basis).
+Owners are spread over ranks by estimated cost, so the decompositions of different layers run in parallel.
+Finally every basis is broadcast from its owner; since only the owner computes it, all ranks hold the same bytes,
+which a SHA-256 digest compared across ranks confirms. Only ``torch.distributed`` is used (gloo or NCCL); without
+an initialised process group everything runs locally.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from cdad_dist.continual.sketches import GramSketch, Sketch
+
+log = logging.getLogger(__name__)
+
+Finalize = Callable[[str, Sketch], tuple[Tensor, dict]]
+
+
+def dist_info(group=None) -> tuple[int, int]:
+    """(rank, world size) from torch.distributed when initialised, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group), dist.get_world_size(group)
+    return 0, 1
+
+
+@dataclass
+class ReduceResult:
+    bases: dict[str, Tensor]  # CPU tensors d × k, identical bytes on every rank
+    info: dict[str, dict] = field(default_factory=dict)
+    digest: str = ""
+    owners: dict[str, int] = field(default_factory=dict)
+
+
+def bases_digest(bases: dict[str, Tensor]) -> str:
+    """SHA-256 over names, shapes, dtypes and raw bytes (sorted by name)."""
+    h = hashlib.sha256()
+    for name in sorted(bases):
+        U = bases[name].detach().to("cpu")
+        h.update(f"{name}|{tuple(U.shape)}|{U.dtype}|".encode())
+        # flatten() gives a 1-D stride-1 tensor even for a d × 1 column with odd strides (e.g. from eigh)
+        h.update(U.flatten().contiguous().view(torch.uint8).numpy().tobytes() if U.numel() else b"")
+    return h.hexdigest()
+
+
+def _cost(sketch: Sketch, world: int) -> float:
+    d = sketch.d
+    if isinstance(sketch, GramSketch):
+        return float(d) ** 3
+    return float(d) ** 2 * max(1, sketch.factors().U.shape[1]) * world
+
+
+def assign_owners(costs: dict[str, float], world: int) -> dict[str, int]:
+    """Greedy longest-processing-time assignment of layers to ranks; deterministic given the costs."""
+    loads = [0.0] * world
+    owners = {}
+    for name in sorted(costs, key=lambda n: (-costs[n], n)):
+        rank = min(range(world), key=lambda r: (loads[r], r))
+        owners[name] = rank
+        loads[rank] += costs[name]
+    return owners
+
+
+def _comm_device(group=None) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _check_same_layers(sketches: dict[str, Sketch], rank: int, world: int, group) -> None:
+    signature = hashlib.sha256(
+        "|".join(f"{n}:{s.kind}:{s.d}" for n, s in sorted(sketches.items())).encode()).hexdigest()
+    signatures: list = [None] * world
+    dist.all_gather_object(signatures, signature, group=group)
+    if len(set(signatures)) != 1:
+        raise RuntimeError(f"continual reducer: ranks disagree on the protected layers / sketch kinds "
+                           f"(signatures per rank: {[s[:12] for s in signatures]}); rank {rank} has "
+                           f"{len(sketches)} layers")
+
+
+def _group_rank(group, rank: int) -> int:
+    """Global rank of a group rank (collectives take global ranks for src/dst)."""
+    return rank if group is None else dist.get_global_rank(group, rank)
+
+
+def reduce_and_finalize(sketches: dict[str, Sketch], finalize: Finalize, group=None,
+                        verify: bool = True) -> ReduceResult:
+    """Merge the ranks' sketches per layer, finalise each layer on one rank, broadcast the bases.
+
+    ``sketches`` is consumed: afterwards each entry holds the merged sketch on the layer's owner and is released
+    (emptied) elsewhere. ``finalize(name, merged_sketch) -> (basis d × k, plain info dict)`` runs on the owner.
+    """
+    rank, world = dist_info(group)
+    if world == 1:
+        bases, info = {}, {}
+        for name in sorted(sketches):
+            U, meta = finalize(name, sketches[name])
+            bases[name] = U.detach().to("cpu").contiguous()
+            info[name] = meta
+        return ReduceResult(bases, info, bases_digest(bases), {n: 0 for n in bases})
+    _check_same_layers(sketches, rank, world, group)
+    device = _comm_device(group)
+    names = sorted(sketches)
+    owners = _agree_on_owners(sketches, names, world, device, group)
+    owned = _reduce_to_owners(sketches, names, owners, rank, world, device, group)
+    local_bases, local_info = {}, {}
+    for name in owned:
+        U, meta = finalize(name, sketches[name])
+        local_bases[name] = U.detach().to("cpu").contiguous()
+        local_info[name] = meta
+    bases = _broadcast_bases(local_bases, names, owners, rank, device, group,
+                             {n: sketches[n].d for n in names})
+    infos: list = [None] * world
+    dist.all_gather_object(infos, local_info, group=group)
+    info = {name: meta for part in infos for name, meta in part.items()}
+    digest = bases_digest(bases)
+    if verify:
+        digests: list = [None] * world
+        dist.all_gather_object(digests, digest, group=group)
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"continual reducer: bases differ across ranks (digests {digests})")
+    log.info("continual reducer: %d layers over %d ranks, bases sha256=%s", len(bases), world, digest)
+    return ReduceResult(bases, info, digest, owners)
+
+
+def _agree_on_owners(sketches: dict[str, Sketch], names: list[str], world: int, device: torch.device,
+                     group) -> dict[str, int]:
+    """Owners from the summed local costs, so that every rank computes the same assignment."""
+    costs = torch.tensor([_cost(sketches[n], world) for n in names], dtype=torch.float64, device=device)
+    dist.all_reduce(costs, group=group)
+    return assign_owners({n: float(c) for n, c in zip(names, costs.tolist())}, world)
+
+
+def _reduce_to_owners(sketches: dict[str, Sketch], names: list[str], owners: dict[str, int], rank: int,
+                      world: int, device: torch.device, group) -> list[str]:
+    """After this, ``sketches[name]`` on its owner holds the merge of all ranks' sketches (entries of the dict are
+    replaced); the other ranks' sketches of that layer are released. Returns the names this rank owns."""
+    gathered_names = [n for n in names if not isinstance(sketches[n], GramSketch)]
+    widths = torch.zeros(len(gathered_names), dtype=torch.int64, device=device)
+    scalars = []
+    for i, name in enumerate(gathered_names):
+        matrix, sc = sketches[name].to_payload()
+        widths[i] = matrix.shape[1]
+        scalars.append(sc)
+    all_widths = [torch.zeros_like(widths) for _ in range(world)]
+    dist.all_gather(all_widths, widths, group=group)
+    owned = []
+    for name in names:
+        owner = owners[name]
+        sketch = sketches[name]
+        if isinstance(sketch, GramSketch):
+            matrix, sc = sketch.to_payload()
+            packed = [matrix.to(device), sc.to(device)]
+            for t in packed:
+                dist.reduce(t, dst=_group_rank(group, owner), group=group)
+            if rank == owner:
+                sketch.set_payload(packed[0], packed[1].cpu())
+            else:
+                sketch.release()
+        else:
+            i = gathered_names.index(name)
+            merged = _gather_factor_sketch(sketch, scalars[i], [int(w[i]) for w in all_widths], owner, rank,
+                                           world, device, group)
+            if merged is not None:
+                sketches[name] = merged
+        if rank == owner:
+            owned.append(name)
+    return owned
+
+
+def _gather_factor_sketch(sketch: Sketch, scalars: Tensor, widths: list[int], owner: int, rank: int, world: int,
+                          device: torch.device, group) -> Sketch | None:
+    """Gather the (padded) factor matrices and scalars of all ranks on the owner and merge them in rank order."""
+    matrix, _ = sketch.to_payload()
+    width = max(widths)
+    padded = torch.zeros(sketch.d, width, dtype=matrix.dtype, device=device)
+    padded[:, : matrix.shape[1]] = matrix.to(device)
+    sc = scalars.to(device)
+    is_owner = rank == owner
+    mats = [torch.empty_like(padded) for _ in range(world)] if is_owner else None
+    scs = [torch.empty_like(sc) for _ in range(world)] if is_owner else None
+    dist.gather(padded, mats, dst=_group_rank(group, owner), group=group)
+    dist.gather(sc, scs, dst=_group_rank(group, owner), group=group)
+    if not is_owner:
+        sketch.release()
+        return None
+    # Merge in rank order 0..world-1, as one process fed rank 0's blocks first would.
+    merged = sketch.clone_empty()
+    for r in range(world):
+        merged.merge_payload(mats[r][:, : widths[r]], scs[r].cpu())
+    merged.peak_nbytes = max(merged.peak_nbytes, sketch.peak_nbytes)
+    sketch.release()
+    return merged
+
+
+def _broadcast_bases(local: dict[str, Tensor], names: list[str], owners: dict[str, int], rank: int,
+                     device: torch.device, group, dims: dict[str, int]) -> dict[str, Tensor]:
+    """Every rank receives every layer's basis from its owner (ranks k first, then the tensors)."""
+    ks = torch.zeros(len(names), dtype=torch.int64, device=device)
+    codes = torch.zeros(len(names), dtype=torch.int64, device=device)
+    dtypes = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+    for i, name in enumerate(names):
+        if name in local:
+            ks[i] = local[name].shape[1]
+            codes[i] = dtypes.index(local[name].dtype)
+    dist.all_reduce(ks, group=group)  # each entry is nonzero on one rank only
+    dist.all_reduce(codes, group=group)
+    bases = {}
+    for i, name in enumerate(names):
+        owner, k = owners[name], int(ks[i])
+        dtype = dtypes[int(codes[i])]
+        if rank == owner:
+            buf = local[name].to(device)
+        else:
+            buf = torch.empty(dims[name], k, dtype=dtype, device=device)
+        if k > 0:
+            dist.broadcast(buf, src=_group_rank(group, owner), group=group)
+        bases[name] = buf.to("cpu").contiguous()
+    return bases

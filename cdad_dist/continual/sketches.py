@@ -1,0 +1,403 @@
+"""Streaming sketches of one protected layer's input features X (d × Λ, columns arrive in blocks d × m).
+
+Every sketch has the same interface — ``update(block)``, ``merge(other)``, ``basis(gamma)``, ``factors()`` — and a
+memory footprint that depends on d (and the block size) but not on the number of blocks, so any number of images
+can be sketched. Three kinds:
+
+- ``gram``: exact X·Xᵀ accumulated in float64; one ``eigh`` at the end. Cross-rank merge is a plain sum.
+- ``isvd``: carries B = U·Σ (the scaled left factor). Because the carried factor keeps its energy, a new block
+  cannot wash out old directions the way an unscaled Û does, and sketches from different ranks merge with the
+  same code as blocks. Intermediate truncation is looser than the final γ (``carry_gamma``) and the discarded
+  energy is kept, so ``basis(γ)`` measures the energy fraction against the true total.
+- ``isvd_paper``: the paper's Eq. 9–11 / Alg. 1 recursion Û ← S&K([Û, M_i], γ) with unscaled Û, kept only to
+  reproduce the paper for comparison (it is biased towards the last blocks).
+
+Sketches also track ``peak_nbytes``: the bytes of the tensors they hold or allocate at their peak (from shapes),
+which the memory-bound test and the benchmark use.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from cdad_dist.errors import ConfigError
+
+SKETCH_KINDS = ("auto", "isvd", "isvd_paper", "gram")
+# Bytes of one float64 entry: the Gram accumulator's dtype.
+_F64 = 8
+
+
+def rank_for_energy(energies: Tensor, total: float, gamma: float) -> int:
+    """Smallest k with sum(energies[:k]) ≥ gamma·total (energies sorted descending); len(energies) if never.
+
+    This is the paper's Eq. 9 rule. (Its Algorithm 1, ``(cumsum(ratio) < th).sum()``, returns one column fewer.)
+    """
+    if not 0.0 <= gamma <= 1.0:
+        raise ConfigError(f"continual.gamma must be in [0, 1], got {gamma}")
+    n = int(energies.numel())
+    if n == 0 or gamma <= 0.0 or total <= 0.0:
+        return 0
+    cumulative = torch.cumsum(energies.detach().to(torch.float64).cpu(), dim=0)
+    target = torch.tensor([gamma * float(total)], dtype=torch.float64)
+    k = int(torch.searchsorted(cumulative, target).item()) + 1
+    return min(k, n)
+
+
+@dataclass
+class SketchFactors:
+    """B = U·diag(S) with B·Bᵀ ≈ X·Xᵀ; ``total_energy`` = ‖X‖²_F including what truncation discarded."""
+
+    U: Tensor  # d × r, orthonormal columns
+    S: Tensor  # r, descending singular values of X restricted to span(U)
+    total_energy: float
+    n_columns: int
+
+    @property
+    def scaled(self) -> Tensor:
+        return self.U * self.S.to(self.U.dtype).unsqueeze(0)
+
+
+def _bytes(*tensors: Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _svd_bytes(rows: int, cols: int, itemsize: int) -> int:
+    """Bytes of the economy SVD outputs U (rows×p), S (p), Vh (p×cols) of a rows × cols matrix, p = min."""
+    p = min(rows, cols)
+    return itemsize * (rows * p + p + p * cols)
+
+
+class Sketch(ABC):
+    """Common interface of all sketches of a d-dimensional input space."""
+
+    kind: str = "?"
+
+    def __init__(self, d: int, device: torch.device | str | None = None) -> None:
+        if d < 1:
+            raise ConfigError(f"{type(self).__name__}: input dimension d must be >= 1, got {d}")
+        self.d = int(d)
+        self.device = torch.device(device) if device is not None else None
+        self.n_columns = 0
+        self.peak_nbytes = 0
+
+    # -- streaming -------------------------------------------------------------------------------------------
+    def update(self, block: Tensor) -> None:
+        """Add the columns of ``block`` (d × m) to the sketch."""
+        block = self._check_block(block)
+        if block.shape[1] == 0:
+            return
+        self._update(block)
+        self.n_columns += int(block.shape[1])
+
+    def merge(self, other: Sketch) -> None:
+        """Fold another sketch of the same kind and d (another rank's, another block range's) into this one."""
+        if type(other) is not type(self) or other.d != self.d:
+            raise ConfigError(
+                f"cannot merge {type(other).__name__}(d={other.d}) into {type(self).__name__}(d={self.d})")
+        matrix, scalars = other.to_payload()
+        self.merge_payload(matrix, scalars)
+
+    # -- communication (reducer) -----------------------------------------------------------------------------
+    @abstractmethod
+    def to_payload(self) -> tuple[Tensor, Tensor]:
+        """(matrix, float64 scalars) that describe the sketch completely; shapes depend only on d and rank."""
+
+    @abstractmethod
+    def merge_payload(self, matrix: Tensor, scalars: Tensor) -> None:
+        """Merge another sketch given by its payload."""
+
+    # -- results ---------------------------------------------------------------------------------------------
+    @abstractmethod
+    def factors(self) -> SketchFactors:
+        """The sketch as B = U·diag(S) plus the true total energy."""
+
+    def basis(self, gamma: float) -> Tensor:
+        """Orthonormal d × k basis: the smallest leading k directions holding ≥ γ of the total energy."""
+        f = self.factors()
+        k = rank_for_energy(f.S.to(torch.float64) ** 2, f.total_energy, gamma)
+        return f.U[:, :k]
+
+    def energy_fraction(self, k: int) -> float:
+        """Fraction of the total energy held by the leading k directions of the sketch."""
+        f = self.factors()
+        if f.total_energy <= 0:
+            return 1.0
+        return float((f.S[:k].to(torch.float64) ** 2).sum()) / f.total_energy
+
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Bytes of the tensors the sketch holds between updates."""
+
+    @abstractmethod
+    def clone_empty(self) -> Sketch:
+        """A new, empty sketch with the same kind, d, options and device."""
+
+    @abstractmethod
+    def release(self) -> None:
+        """Drop the held tensors (a rank that handed its sketch to another one); the sketch is empty after."""
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+    def _check_block(self, block: Tensor) -> Tensor:
+        if block.dim() != 2 or block.shape[0] != self.d:
+            raise ConfigError(
+                f"{type(self).__name__}: block must be d × m with d={self.d}, got shape {tuple(block.shape)}")
+        block = block.detach()
+        if self.device is None:
+            self.device = block.device
+        return block
+
+    def _note_peak(self, nbytes: int) -> None:
+        self.peak_nbytes = max(self.peak_nbytes, int(nbytes))
+
+
+class GramSketch(Sketch):
+    """Exact X·Xᵀ in float64. Memory 8·d² bytes; merge = sum; result = one eigh (cached)."""
+
+    kind = "gram"
+
+    def __init__(self, d: int, device: torch.device | str | None = None, chunk_bytes: int = 64 << 20) -> None:
+        super().__init__(d, device)
+        self._G: Tensor | None = None
+        # Upcasting a whole block to float64 would double its size; chunks bound that temporary.
+        self._chunk_cols = max(1, chunk_bytes // (_F64 * self.d))
+        self._eig: tuple[Tensor, Tensor] | None = None
+
+    def _gram(self) -> Tensor:
+        if self._G is None:
+            self._G = torch.zeros(self.d, self.d, dtype=torch.float64, device=self.device or "cpu")
+        return self._G
+
+    def _update(self, block: Tensor) -> None:
+        G = self._gram()
+        block = block.to(G.device)
+        for start in range(0, block.shape[1], self._chunk_cols):
+            X = block[:, start:start + self._chunk_cols].to(torch.float64)
+            G.addmm_(X, X.mT)
+            # Held: G, plus the float64 copy of the chunk unless the block already is float64 (then X is a view).
+            self._note_peak(_bytes(G) + (0 if block.dtype == torch.float64 else _bytes(X)))
+        self._eig = None
+
+    def gram(self) -> Tensor:
+        """X·Xᵀ (d × d, float64); zeros before the first update."""
+        return self._gram()
+
+    def to_payload(self) -> tuple[Tensor, Tensor]:
+        scalars = torch.tensor([float(self.n_columns)], dtype=torch.float64)
+        return self._gram(), scalars
+
+    def merge_payload(self, matrix: Tensor, scalars: Tensor) -> None:
+        G = self._gram()
+        G.add_(matrix.to(device=G.device, dtype=torch.float64))
+        self.n_columns += int(round(float(scalars[0])))
+        self._eig = None
+
+    def set_payload(self, matrix: Tensor, scalars: Tensor) -> None:
+        """Replace the state, e.g. with the cross-rank sum after a reduce."""
+        self._G = matrix.to(device=self.device or matrix.device, dtype=torch.float64)
+        self.n_columns = int(round(float(scalars[0])))
+        self._eig = None
+
+    def _eigh(self) -> tuple[Tensor, Tensor]:
+        if self._eig is None:
+            G = self._gram()
+            evals, evecs = torch.linalg.eigh(G)  # ascending
+            self._note_peak(_bytes(G) * 2 + _bytes(evals))
+            evals = evals.flip(0).clamp_min(0.0)
+            self._eig = (evals, evecs.flip(1))
+        return self._eig
+
+    def factors(self) -> SketchFactors:
+        evals, evecs = self._eigh()
+        total = float(torch.trace(self._gram()))
+        # Directions whose eigenvalue is at round-off level of the largest one carry no information.
+        keep = int((evals > evals[0] * self.d * torch.finfo(torch.float64).eps).sum()) if total > 0 else 0
+        return SketchFactors(evecs[:, :keep], evals[:keep].sqrt(), total, self.n_columns)
+
+    def nbytes(self) -> int:
+        return _bytes(self._G)
+
+    def clone_empty(self) -> GramSketch:
+        other = GramSketch(self.d, device=self.device)
+        other._chunk_cols = self._chunk_cols
+        return other
+
+    def release(self) -> None:
+        self._G, self._eig, self.n_columns = None, None, 0
+
+
+class IsvdSketch(Sketch):
+    """Incremental SVD carrying U and Σ (B = U·Σ), truncated at ``carry_gamma`` and ``max_rank``.
+
+    The update is an exact SVD of [U·Σ, M_i] (frequent-directions style without the shrinkage), so merging two
+    sketches and adding a block are the same operation. Blocks larger than ``chunk_columns`` are folded in column
+    chunks to bound the working set at about 2·d·(r + chunk) entries.
+    """
+
+    kind = "isvd"
+
+    def __init__(self, d: int, carry_gamma: float = 0.9999, max_rank: int | None = None,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 chunk_columns: int | None = None) -> None:
+        super().__init__(d, device)
+        if not 0.0 < carry_gamma <= 1.0:
+            raise ConfigError(f"IsvdSketch: carry_gamma must be in (0, 1], got {carry_gamma}")
+        if max_rank is not None and max_rank < 1:
+            raise ConfigError(f"IsvdSketch: max_rank must be >= 1 or None, got {max_rank}")
+        self.carry_gamma = float(carry_gamma)
+        self.max_rank = min(int(max_rank), self.d) if max_rank is not None else self.d
+        self.dtype = dtype
+        self.chunk_columns = int(chunk_columns) if chunk_columns else max(2 * self.d, 4096)
+        self._U: Tensor | None = None
+        self._S: Tensor | None = None
+        self.discarded = 0.0  # energy dropped by carry truncation (float64 Python float)
+
+    @property
+    def rank(self) -> int:
+        return 0 if self._S is None else int(self._S.numel())
+
+    def _scaled(self) -> Tensor | None:
+        if self._U is None:
+            return None
+        return self._U * self._S.unsqueeze(0)
+
+    def _fold(self, matrix: Tensor) -> None:
+        """U, Σ ← truncated SVD of [U·Σ, matrix]. (The caller's block itself is not counted in peak_nbytes.)"""
+        matrix = matrix.to(device=self.device, dtype=self.dtype)
+        scaled = self._scaled()
+        C = matrix if scaled is None else torch.cat([scaled, matrix], dim=1)
+        U, S, Vh = torch.linalg.svd(C, full_matrices=False)
+        self._note_peak(self.nbytes() + _bytes(C, U, S, Vh) + (_bytes(scaled) if scaled is not None else 0))
+        del Vh, C, scaled
+        energies = S.to(torch.float64) ** 2
+        k = rank_for_energy(energies, float(energies.sum()), self.carry_gamma)
+        k = min(k, self.max_rank, int((S > 0).sum()))
+        self.discarded += float(energies[k:].sum())
+        self._U, self._S = U[:, :k].contiguous(), S[:k].contiguous()
+
+    def _update(self, block: Tensor) -> None:
+        for start in range(0, block.shape[1], self.chunk_columns):
+            self._fold(block[:, start:start + self.chunk_columns])
+
+    def to_payload(self) -> tuple[Tensor, Tensor]:
+        scaled = self._scaled()
+        if scaled is None:
+            scaled = torch.zeros(self.d, 0, dtype=self.dtype, device=self.device or "cpu")
+        return scaled, torch.tensor([self.discarded, float(self.n_columns)], dtype=torch.float64)
+
+    def merge_payload(self, matrix: Tensor, scalars: Tensor) -> None:
+        if matrix.shape[1] > 0:
+            self._fold(matrix)
+        self.discarded += float(scalars[0])
+        self.n_columns += int(round(float(scalars[1])))
+
+    def factors(self) -> SketchFactors:
+        if self._U is None:
+            empty = torch.zeros(self.d, 0, dtype=self.dtype, device=self.device or "cpu")
+            return SketchFactors(empty, torch.zeros(0, dtype=self.dtype, device=empty.device), 0.0, self.n_columns)
+        kept = float((self._S.to(torch.float64) ** 2).sum())
+        return SketchFactors(self._U, self._S, kept + self.discarded, self.n_columns)
+
+    def nbytes(self) -> int:
+        return _bytes(self._U, self._S)
+
+    def clone_empty(self) -> IsvdSketch:
+        return IsvdSketch(self.d, carry_gamma=self.carry_gamma, max_rank=self.max_rank, dtype=self.dtype,
+                          device=self.device, chunk_columns=self.chunk_columns)
+
+    def release(self) -> None:
+        self._U, self._S, self.discarded, self.n_columns = None, None, 0.0, 0
+
+
+class IsvdPaperSketch(Sketch):
+    """The paper's iSVD (Eq. 9–11, Alg. 1): Û ← S&K([Û, M_i], γ) with an *unscaled* Û. Comparison only.
+
+    The carried Û has energy 1 per column while a block has ‖M_i‖²_F, so the γ truncation drops old directions
+    that later blocks do not share; the energies it reports are therefore not those of X.
+    """
+
+    kind = "isvd_paper"
+
+    def __init__(self, d: int, gamma: float = 0.999, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__(d, device)
+        rank_for_energy(torch.ones(1), 1.0, gamma)  # validates gamma
+        self.gamma = float(gamma)
+        self.dtype = dtype
+        self._U: Tensor | None = None
+
+    def _fold(self, matrix: Tensor) -> None:
+        matrix = matrix.to(device=self.device, dtype=self.dtype)
+        C = matrix if self._U is None else torch.cat([self._U, matrix], dim=1)
+        U, S, Vh = torch.linalg.svd(C, full_matrices=False)
+        self._note_peak(self.nbytes() + _bytes(C, U, S, Vh))
+        energies = S.to(torch.float64) ** 2
+        k = rank_for_energy(energies, float(energies.sum()), self.gamma)
+        self._U = U[:, :k].contiguous()
+
+    def _update(self, block: Tensor) -> None:
+        self._fold(block)
+
+    def to_payload(self) -> tuple[Tensor, Tensor]:
+        U = self._U if self._U is not None else torch.zeros(self.d, 0, dtype=self.dtype,
+                                                               device=self.device or "cpu")
+        return U, torch.tensor([float(self.n_columns)], dtype=torch.float64)
+
+    def merge_payload(self, matrix: Tensor, scalars: Tensor) -> None:
+        if matrix.shape[1] > 0:
+            self._fold(matrix)
+        self.n_columns += int(round(float(scalars[0])))
+
+    def factors(self) -> SketchFactors:
+        """Û with unit weights: the paper's recursion keeps no energies (see the class docstring)."""
+        U = self._U if self._U is not None else torch.zeros(self.d, 0, dtype=self.dtype,
+                                                               device=self.device or "cpu")
+        S = torch.ones(U.shape[1], dtype=U.dtype, device=U.device)
+        return SketchFactors(U, S, float(U.shape[1]), self.n_columns)
+
+    def basis(self, gamma: float) -> Tensor:
+        """Û as truncated during streaming (with the γ given at construction; ``gamma`` is not re-applied)."""
+        return self.factors().U
+
+    def nbytes(self) -> int:
+        return _bytes(self._U)
+
+    def clone_empty(self) -> IsvdPaperSketch:
+        return IsvdPaperSketch(self.d, gamma=self.gamma, dtype=self.dtype, device=self.device)
+
+    def release(self) -> None:
+        self._U, self.n_columns = None, 0
+
+
+@dataclass
+class SketchOptions:
+    """How ``make_sketch`` builds a sketch (the continual config fills it)."""
+
+    kind: str = "auto"
+    gamma: float = 0.999
+    memory_budget_mb: float = 256.0  # per layer; auto uses gram when its 8·d² bytes fit
+    carry_gamma: float | None = None  # isvd; None = 1 - (1-γ)/10
+    max_rank: int | None = None  # isvd
+    chunk_columns: int | None = None  # isvd
+    dtype: torch.dtype = torch.float32  # isvd / isvd_paper compute dtype
+
+    def resolved_kind(self, d: int) -> str:
+        if self.kind not in SKETCH_KINDS:
+            raise ConfigError(f"continual.sketch must be one of {SKETCH_KINDS}, got {self.kind!r}")
+        if self.kind != "auto":
+            return self.kind
+        return "gram" if _F64 * d * d <= self.memory_budget_mb * (1 << 20) else "isvd"
+
+
+def make_sketch(d: int, options: SketchOptions, device: torch.device | str | None = None) -> Sketch:
+    """Build the sketch ``options`` asks for a layer with input dimension d."""
+    kind = options.resolved_kind(d)
+    if kind == "gram":
+        return GramSketch(d, device=device)
+    if kind == "isvd_paper":
+        return IsvdPaperSketch(d, gamma=options.gamma, dtype=options.dtype, device=device)
+    carry = options.carry_gamma if options.carry_gamma is not None else 1.0 - (1.0 - options.gamma) / 10.0
+    return IsvdSketch(d, carry_gamma=carry, max_rank=options.max_rank, dtype=options.dtype, device=device,
+                      chunk_columns=options.chunk_columns)

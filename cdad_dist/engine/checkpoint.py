@@ -1,0 +1,154 @@
+"""Atomic, verifiable checkpoints in `runs/NAME/checkpoints/`.
+
+A checkpoint is a directory written under a temporary name (`.tmp-…`) by every rank (Accelerate's `save_state`
+must run on all ranks: DeepSpeed deadlocks otherwise), then sealed by the main process with a `MANIFEST.json`
+holding the sha256 of every file, then renamed into place. A crash at any moment leaves either the previous
+checkpoint or the new one, never a half-written one that `--resume` would pick.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cdad_dist.errors import CheckpointError
+
+MANIFEST = "MANIFEST.json"
+STATE = "state.json"
+STRATEGY = "strategy.pt"
+_NAME = re.compile(r"^task(\d{3})-step(\d{7})(-end)?$")
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    path: Path
+    task: int
+    step: int
+    task_end: bool
+
+    @property
+    def order(self) -> tuple[int, int, int]:
+        return (self.task, int(self.task_end), self.step)
+
+
+def checkpoint_name(task: int, step: int, task_end: bool) -> str:
+    return f"task{task:03d}-step{step:07d}{'-end' if task_end else ''}"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    accelerator,
+    ckpt_root: Path,
+    *,
+    task: int,
+    step: int,
+    task_end: bool,
+    state: dict[str, Any],
+    strategy_state: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Save model/optimizer/scheduler/RNG (via Accelerate), run state and strategy state; all ranks call this."""
+    name = checkpoint_name(task, step, task_end)
+    final = ckpt_root / name
+    tmp = ckpt_root / f".tmp-{name}"
+    if accelerator.is_main_process:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        torch.save(strategy_state, tmp / STRATEGY)
+        write_json_atomic(tmp / STATE, state)
+        files = {
+            str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()
+        }
+        write_json_atomic(tmp / MANIFEST, {"files": files, "task": task, "step": step, "task_end": task_end})
+        if final.exists():  # the same position saved again (e.g. a resumed run re-reaching it)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _prune(ckpt_root, keep_last)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _prune(ckpt_root: Path, keep_last: int) -> None:
+    """Keep every task-end checkpoint and the newest `keep_last` mid-task ones."""
+    mids = sorted((r for r in list_checkpoints(ckpt_root) if not r.task_end), key=lambda r: r.order)
+    newest_end = max((r.order for r in list_checkpoints(ckpt_root) if r.task_end), default=None)
+    for ref in mids[: max(0, len(mids) - keep_last)]:
+        shutil.rmtree(ref.path, ignore_errors=True)
+    # Mid-task checkpoints older than the newest task end are of no use any more.
+    if newest_end is not None:
+        for ref in mids:
+            if ref.order < newest_end and ref.path.exists():
+                shutil.rmtree(ref.path, ignore_errors=True)
+
+
+def list_checkpoints(ckpt_root: Path) -> list[CheckpointRef]:
+    refs = []
+    if not ckpt_root.is_dir():
+        return refs
+    for path in ckpt_root.iterdir():
+        match = _NAME.match(path.name)
+        if match and path.is_dir():
+            refs.append(CheckpointRef(path, int(match[1]), int(match[2]), bool(match[3])))
+    return sorted(refs, key=lambda r: r.order)
+
+
+def verify_checkpoint(path: Path) -> None:
+    manifest_path = path / MANIFEST
+    if not manifest_path.exists():
+        raise CheckpointError(f"{path}: no {MANIFEST} (half-written checkpoint)")
+    manifest = json.loads(manifest_path.read_text())
+    for rel, digest in manifest["files"].items():
+        file = path / rel
+        if not file.exists():
+            raise CheckpointError(f"{path}: file {rel} listed in {MANIFEST} is missing")
+        if sha256_file(file) != digest:
+            raise CheckpointError(f"{path}: file {rel} does not match its checksum")
+
+
+def latest_checkpoint(ckpt_root: Path, log=print) -> CheckpointRef | None:
+    """The newest checkpoint that verifies; damaged ones are reported and skipped."""
+    for ref in reversed(list_checkpoints(ckpt_root)):
+        try:
+            verify_checkpoint(ref.path)
+        except CheckpointError as err:
+            log(f"skipping checkpoint: {err}")
+            continue
+        return ref
+    return None
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    return json.loads((path / STATE).read_text())
+
+
+def read_strategy_state(path: Path) -> dict[str, Any]:
+    return torch.load(path / STRATEGY, map_location="cpu", weights_only=False)

@@ -1,0 +1,350 @@
+"""The continual task loop under Accelerate, readable in one sitting.
+
+for each task t of the sequence:
+    1. stream t's training shards (each rank its own part) with NSA perturbation
+    2. train U-Net + AMN; the continual strategy sees every optimizer step
+    3. strategy.end_task: capture protected-layer inputs on t's images, reduce across ranks into bases
+    4. evaluate every class seen so far -> row t of the accuracy matrix
+    5. save an atomic checkpoint and the report
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from cdad_dist.config import RunConfig, config_to_dict
+from cdad_dist.continual.strategy import build_strategy
+from cdad_dist.data.perturb import NSAPerturber
+from cdad_dist.data.sequences import resolve_sequence
+from cdad_dist.data.shards import manifest_classes
+from cdad_dist.data.stream import StreamConfig, eval_stream, steps_per_epoch, train_stream
+from cdad_dist.engine.accel import make_accelerator
+from cdad_dist.engine.checkpoint import (
+    CheckpointRef,
+    latest_checkpoint,
+    read_state,
+    read_strategy_state,
+    save_checkpoint,
+)
+from cdad_dist.engine.data_prep import ensure_shards
+from cdad_dist.engine.run_dir import prepare_run_dir
+from cdad_dist.errors import ConfigError
+from cdad_dist.eval.evaluator import Evaluator
+from cdad_dist.eval.matrix import AccuracyMatrix
+from cdad_dist.eval.reconstruct import reconstruct
+from cdad_dist.models.presets import build_model, resolve_config
+
+
+@dataclass
+class Position:
+    """Where a (resumed) run starts: task index, optimizer steps already done in it, and what is done."""
+
+    task: int = 0
+    step: int = 0
+    task_done: bool = False
+
+
+def task_slice(spec: str | None, n_tasks: int) -> range:
+    """`--tasks 1:3` runs tasks 1 and 2 (one job per task on clusters); None runs all."""
+    if spec is None:
+        return range(n_tasks)
+    try:
+        lo, _, hi = spec.partition(":")
+        start = int(lo) if lo else 0
+        stop = int(hi) if hi else (start + 1 if not _ else n_tasks)
+    except ValueError:
+        raise ConfigError(f"tasks={spec!r}: expected START:STOP, e.g. 1:3") from None
+    if not 0 <= start < stop <= n_tasks:
+        raise ConfigError(f"tasks={spec!r}: out of range for a sequence of {n_tasks} task(s)")
+    return range(start, stop)
+
+
+def lr_lambda(warmup: int, total: int, schedule: str) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "cosine":
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+def step_generator(seed: int, task: int, step: int, rank: int) -> torch.Generator:
+    """Noise and timesteps of one step depend only on (seed, task, step, rank): resume reproduces them exactly."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + task) * 10_000_019 + step) * 131 + rank)
+
+
+class ContinualTrainer:
+    def __init__(self, cfg: RunConfig, *, resume: bool = False):
+        self.cfg = cfg
+        self.accelerator = make_accelerator(
+            mixed_precision=cfg.train.mixed_precision,
+            grad_accum=cfg.train.grad_accum,
+            project_dir=str(cfg.run_dir),
+        )
+        acc = self.accelerator
+        self.log = acc.print
+        self.manifest = ensure_shards(cfg.data, acc, self.log)
+        sequence = resolve_sequence(cfg.sequence, available_classes=manifest_classes(self.manifest))
+        self.sequence_tasks = sequence.tasks
+        if cfg.continual.strategy == "joint":  # the upper bound: every class of the sequence at once
+            self.tasks = [[c for task in sequence.tasks for c in task]]
+        else:
+            self.tasks = sequence.tasks
+        self.run_dir = prepare_run_dir(cfg, self.tasks, resume=resume, is_main=acc.is_main_process)
+        acc.wait_for_everyone()
+        self.ckpt_root = self.run_dir / "checkpoints"
+        acc.init_trackers("tb", config=_flat_hparams(config_to_dict(cfg)))
+
+        torch.manual_seed(cfg.train.seed)
+        self.model = build_model(cfg.model).to(acc.device)
+        self.strategy = build_strategy(cfg.continual)
+        self.matrix = AccuracyMatrix()
+        self.image_size = resolve_config(cfg.model).image_size
+        self.evaluator = Evaluator(cfg.eval, cfg.data, self.image_size, acc, self.run_dir)
+        self.global_step = 0
+        self.resume_from: CheckpointRef | None = latest_checkpoint(self.ckpt_root, self.log) if resume else None
+        self.position = self._restore(self.resume_from) if self.resume_from else Position()
+
+    # ------------------------------------------------------------------ resume
+    def _restore(self, ref: CheckpointRef) -> Position:
+        state = read_state(ref.path)
+        self.log(f"resuming from {ref.path.name}")
+        self.matrix = AccuracyMatrix.from_dict(state["matrix"])
+        self.strategy.load_state_dict(read_strategy_state(ref.path))
+        self.global_step = state["global_step"]
+        # Weights now; optimizer/scheduler/RNG are loaded after `prepare` when resuming mid-task.
+        self.model.load_state_dict(load_file(str(ref.path / "model.safetensors")), strict=True)
+        if ref.task_end:
+            return Position(task=ref.task + 1, step=0)
+        return Position(task=ref.task, step=ref.step, task_done=state.get("training_done", False))
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict[str, Any]:
+        for t in task_slice(self.cfg.tasks, len(self.tasks)):
+            if t < self.position.task:
+                continue
+            self.run_task(t)
+        self.accelerator.end_training()
+        return self.matrix.to_dict()
+
+    def task_steps(self, t: int) -> int:
+        train = self.cfg.train
+        if self.cfg.continual.strategy == "joint":
+            n_seq = len(self.sequence_tasks)
+            return train.base_steps + train.incremental_steps * (n_seq - 1)
+        epochs = train.base_epochs if t == 0 else train.incremental_epochs
+        if epochs > 0:
+            per_epoch = steps_per_epoch(
+                self.manifest, self.tasks[t], self.cfg.data.batch_size * train.grad_accum,
+                self.accelerator.num_processes,
+            )
+            return max(1, round(epochs * per_epoch))
+        return train.base_steps if t == 0 else train.incremental_steps
+
+    def run_task(self, t: int) -> None:
+        acc, cfg = self.accelerator, self.cfg
+        classes = self.tasks[t]
+        steps = self.task_steps(t)
+        resuming_here = self.resume_from is not None and self.position.task == t and not self.resume_from.task_end
+        start_step = self.position.step if resuming_here else 0
+        self.log(f"task {t}: classes {classes}, {steps} steps" + (f" (from step {start_step})" if start_step else ""))
+
+        self.strategy.begin_task(t, self.model, acc)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            trainable, lr=cfg.train.lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay
+        )
+        # Not prepared by Accelerate on purpose: its scheduler wrapper steps once per process, which would make
+        # the warm-up length depend on the number of ranks.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(cfg.train.warmup_steps, steps, cfg.train.lr_schedule)
+        )
+        acc.free_memory()
+        ddp_model, optimizer = acc.prepare(self.model, optimizer)
+        acc.register_for_checkpointing(scheduler)
+        if resuming_here:
+            acc.load_state(str(self.resume_from.path))
+
+        if not (resuming_here and self.position.task_done):
+            self.train_task(t, ddp_model, optimizer, scheduler, trainable, steps, start_step)
+            self.save(t, steps, task_end=False, training_done=True)
+        self.strategy.end_task(t, self.model, self.capture_batches(classes), self.capture_forward, acc)
+        for cls, metrics in self.evaluator.evaluate(self.model, self.seen_classes(t), after_task=t).items():
+            for metric, value in metrics.items():
+                self.matrix.record(metric, t, cls, value)
+        self.log_task_metrics(t)
+        self.save(t, steps, task_end=True)
+        if acc.is_main_process:
+            self.evaluator.write_report(self.matrix, self.tasks, self.strategy_summary())
+
+    def seen_classes(self, t: int) -> list[str]:
+        return [c for task in self.tasks[: t + 1] for c in task]
+
+    def train_task(self, t, ddp_model, optimizer, scheduler, trainable, steps: int, start_step: int) -> None:
+        acc, cfg = self.accelerator, self.cfg
+        stream_cfg = StreamConfig(
+            batch_size=cfg.data.batch_size,
+            image_size=self.image_size,
+            num_workers=cfg.data.num_workers,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            seed=cfg.train.seed + 1000 * t,
+        )
+        batches: Iterator[dict] = iter(
+            train_stream(
+                cfg.data.shards,
+                self.tasks[t],
+                cfg=stream_cfg,
+                perturber=NSAPerturber(cfg.data.nsa),
+                rank=acc.process_index,
+                world_size=acc.num_processes,
+                skip_batches=start_step * cfg.train.grad_accum,
+            )
+        )
+        ddp_model.train()
+        bad_in_a_row = 0
+        bar = tqdm(range(start_step, steps), desc=f"task {t}", disable=not acc.is_local_main_process, initial=start_step, total=steps)
+        tick = time.perf_counter()
+        for step in bar:
+            info = self.train_step(ddp_model, optimizer, scheduler, trainable, batches, t, step)
+            bad_in_a_row = 0 if info["finite"] else bad_in_a_row + 1
+            if bad_in_a_row > cfg.train.max_bad_steps:
+                raise RuntimeError(
+                    f"task {t} step {step}: {bad_in_a_row} consecutive non-finite losses; lower train.lr or use "
+                    "fp32 (train.mixed_precision=no)"
+                )
+            self.global_step += 1
+            if (step + 1) % cfg.train.log_every == 0 or step + 1 == steps:
+                elapsed = time.perf_counter() - tick
+                tick = time.perf_counter()
+                logs = {f"train/{k}": v for k, v in info.items() if k != "finite"}
+                logs["train/lr"] = scheduler.get_last_lr()[0]
+                logs["train/steps_per_s"] = cfg.train.log_every / max(elapsed, 1e-9)
+                acc.log(logs, step=self.global_step)
+                bar.set_postfix(loss=f"{info['loss']:.4f}")
+            every = cfg.train.checkpoint_every
+            if every and (step + 1) % every == 0 and step + 1 < steps:
+                self.save(t, step + 1, task_end=False)
+
+    def train_step(self, ddp_model, optimizer, scheduler, trainable, batches, t: int, step: int) -> dict[str, Any]:
+        """One optimizer step: `grad_accum` micro-batches, clipping, the strategy's hooks around the step."""
+        acc, cfg = self.accelerator, self.cfg
+        totals: dict[str, float] = {}
+        finite_all = True
+        for micro in range(cfg.train.grad_accum):
+            batch = next(batches)
+            generator = step_generator(cfg.train.seed, t, step * cfg.train.grad_accum + micro, acc.process_index)
+            with acc.accumulate(ddp_model):
+                out = ddp_model(
+                    batch["image"].to(acc.device), batch["perturbed"].to(acc.device), generator=generator
+                )
+                # Every rank must take the same decision, or DDP's collectives would hang.
+                finite = acc.reduce(torch.isfinite(out["loss"].detach()).float().reshape(1), "min").item() > 0
+                if finite:
+                    acc.backward(out["loss"])
+                else:
+                    finite_all = False
+                if acc.sync_gradients:
+                    if finite_all:
+                        acc.clip_grad_norm_(trainable, cfg.train.max_grad_norm)
+                        self.strategy.before_optimizer_step(self.model)
+                        optimizer.step()
+                        self.strategy.after_optimizer_step(self.model)
+                        scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+            for key, value in out.items():
+                totals[key] = totals.get(key, 0.0) + float(value.detach()) / cfg.train.grad_accum
+        totals["finite"] = finite_all
+        return totals
+
+    # ------------------------------------------------------------------ basis capture
+    def capture_batches(self, classes: list[str]):
+        cap = self.cfg.continual.capture
+        return eval_stream(
+            self.cfg.data.shards,
+            classes,
+            split="train",
+            batch_size=self.cfg.eval.batch_size,
+            image_size=self.image_size,
+            rank=self.accelerator.process_index,
+            world_size=self.accelerator.num_processes,
+            limit=cap.images if isinstance(cap.images, int) else None,
+            fraction=cap.images if isinstance(cap.images, float) else None,
+            seed=cap.seed,
+        )
+
+    def capture_forward(self, batch: dict) -> None:
+        """The forward passes whose protected-layer inputs define the bases (default: the DDIM trajectory)."""
+        image = batch["image"].to(self.accelerator.device)
+        cap = self.cfg.continual.capture
+        with torch.inference_mode():
+            if cap.mode == "trajectory":
+                reconstruct(self.model, image, self.cfg.eval.reconstruction)
+            else:  # random training timesteps, as in training but without perturbation
+                self.model(image, image, generator=torch.Generator().manual_seed(cap.seed))
+
+    # ------------------------------------------------------------------ bookkeeping
+    def save(self, t: int, step: int, *, task_end: bool, training_done: bool = False) -> None:
+        state = {
+            "task": t,
+            "step": step,
+            "task_end": task_end,
+            "training_done": training_done or task_end,
+            "global_step": self.global_step,
+            "tasks": self.tasks,
+            "model_preset": self.cfg.model.preset,
+            "matrix": self.matrix.to_dict(),
+        }
+        save_checkpoint(
+            self.accelerator,
+            self.ckpt_root,
+            task=t,
+            step=step,
+            task_end=task_end,
+            state=state,
+            strategy_state=self.strategy.state_dict(),
+            keep_last=self.cfg.train.keep_last,
+        )
+
+    def strategy_summary(self) -> dict[str, Any]:
+        summary = getattr(self.strategy, "summary", None)
+        return {"strategy": self.cfg.continual.strategy, **(summary() if callable(summary) else {})}
+
+    def log_task_metrics(self, t: int) -> None:
+        for metric in ("image_auroc", "pixel_auroc"):
+            row = self.matrix.row(metric, t)
+            if row:
+                mean = sum(row.values()) / len(row)
+                self.accelerator.log({f"eval/{metric}_mean": mean}, step=self.global_step)
+                per_class = ", ".join(f"{c}={v:.3f}" for c, v in row.items())
+                self.log(f"after task {t}: {metric} mean {mean:.4f} ({per_class})")
+
+
+def _flat_hparams(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """TensorBoard hparams accept only scalars and strings."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flat_hparams(value, name + "."))
+        elif isinstance(value, (int, float, str, bool)):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def train(cfg: RunConfig, *, resume: bool = False) -> dict[str, Any]:
+    return ContinualTrainer(cfg, resume=resume).run()
+
+
+__all__ = ["ContinualTrainer", "train", "task_slice", "Position", "Path"]

@@ -1,0 +1,97 @@
+"""Evaluate every class seen so far: reconstruct, anomaly maps, per-class metrics gathered over ranks, heat maps.
+
+Each rank evaluates its own share of each class's test images (`eval_stream` splits them), keeps a mergeable metric
+state, and the states are gathered so that every rank ends with the same numbers. Heat-map grids are drawn by the
+main process from the examples it saw itself.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import gather_object
+
+from cdad_dist.data.stream import eval_stream
+from cdad_dist.eval.anomaly_map import anomaly_maps, extractor_from_config
+from cdad_dist.eval.metrics import ClassMetricAccumulator
+from cdad_dist.eval.reconstruct import reconstruct, vae_roundtrip
+from cdad_dist.eval.report import save_heatmap_grid, write_report
+
+
+class _Examples:
+    """The first few normal and anomalous images a rank sees of a class, for the heat-map grid."""
+
+    def __init__(self, per_kind: int):
+        self.per_kind = per_kind
+        self.rows: dict[int, list[tuple]] = {0: [], 1: []}
+
+    def add(self, batch: dict, x_hat: torch.Tensor, maps: torch.Tensor, scores: torch.Tensor) -> None:
+        for i, label in enumerate(batch["label"].tolist()):
+            bucket = self.rows[int(label > 0)]
+            if len(bucket) < self.per_kind:
+                title = f"{batch['defect'][i]} score {float(scores[i]):.3f}"
+                bucket.append((batch["image"][i], x_hat[i].cpu(), maps[i].cpu(), batch["mask"][i], title))
+
+    def save(self, path: Path) -> None:
+        rows = self.rows[0] + self.rows[1]
+        if not rows:
+            return
+        images, recons, maps, masks, titles = zip(*rows)
+        save_heatmap_grid(path, torch.stack(images), torch.stack(recons), torch.stack(maps), torch.stack(masks), titles)
+
+
+class Evaluator:
+    def __init__(self, cfg, data_cfg, image_size: int, accelerator, run_dir: Path):
+        self.cfg = cfg
+        self.data_cfg = data_cfg
+        self.image_size = image_size
+        self.accelerator = accelerator
+        self.run_dir = Path(run_dir)
+        self.extractor = extractor_from_config(cfg.anomaly_map, device=accelerator.device)
+
+    @torch.inference_mode()
+    def evaluate(self, model, classes: list[str], *, after_task: int) -> dict[str, dict[str, float]]:
+        acc = self.accelerator
+        was_training = model.training
+        model.eval()
+        results: dict[str, dict[str, float]] = {}
+        for cls in classes:
+            state, examples = self._evaluate_class(model, cls, after_task)
+            merged = ClassMetricAccumulator.from_states(cls, gather_object([state]))
+            results[cls] = merged.compute()
+            if acc.is_main_process and self.cfg.heatmap_images > 0:
+                safe = cls.replace("/", "_")
+                examples.save(self.run_dir / "report" / "heatmaps" / f"task{after_task:02d}_{safe}.png")
+        model.train(was_training)
+        return results
+
+    def _evaluate_class(self, model, cls: str, after_task: int) -> tuple[dict, _Examples]:
+        acc = self.accelerator
+        metric = ClassMetricAccumulator(cls)
+        examples = _Examples(self.cfg.heatmap_images)
+        stream = eval_stream(
+            self.data_cfg.shards,
+            [cls],
+            split="test",
+            batch_size=self.cfg.batch_size,
+            image_size=self.image_size,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+            limit=self.cfg.max_test_per_class,
+        )
+        seed = self.cfg.reconstruction.seed
+        for index, batch in enumerate(stream):
+            x = batch["image"].to(acc.device)
+            # Evaluation noise depends on (seed, task, rank, batch) only: re-running an evaluation repeats it.
+            generator = torch.Generator().manual_seed(((seed * 1009 + after_task) * 9973 + acc.process_index) * 100_003 + index)
+            x_hat = reconstruct(model, x, self.cfg.reconstruction, generator=generator)
+            x_ref = vae_roundtrip(model, x)
+            maps, scores = anomaly_maps(self.extractor, x_ref.float(), x_hat.float(), self.cfg.anomaly_map)
+            metric.update(scores.cpu(), maps.cpu(), batch["label"], batch["mask"])
+            if acc.is_main_process:
+                examples.add(batch, x_hat, maps, scores)
+        return metric.state_tensors(), examples
+
+    def write_report(self, matrix, tasks: list[list[str]], extra: dict[str, Any]) -> dict[str, Path]:
+        return write_report(self.run_dir, matrix, tasks, {"name": self.run_dir.name, **extra})

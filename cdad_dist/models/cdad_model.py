@@ -1,0 +1,177 @@
+"""``CDADModel``: frozen first stage + AMN-conditioned U-Net + empty-prompt context (see docs/contracts.md).
+
+Injection: the AMN output ``c`` is added to the output of ``unet.conv_in`` by a forward hook, so it also enters the
+first skip connection (as the authors' ``ControlledUnetModel`` does). A hook, rather than a wrapper module, keeps
+every U-Net parameter name identical to diffusers' (pretrained loading, checkpoints and the continual core's name
+patterns all rely on them). The hook adds the condition stored for the current ``predict_eps`` call only, so a bare
+``unet(...)`` call stays the plain U-Net. The AMN runs once per sample per forward (training) or once per image
+(inference), never once per denoising step.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler
+from torch import nn
+
+from cdad_dist.errors import ConfigError
+from cdad_dist.models.amn import AMN, ATTENTION_BACKENDS
+
+# "trailing" spacing so that a DDIM built from this config (``DDIMScheduler.from_config``) starts at t=999 exactly;
+# it does not affect training (add_noise ignores it).
+SCHEDULER_KWARGS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                        beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False, steps_offset=1,
+                        timestep_spacing="trailing")
+
+
+def make_schedulers() -> tuple[DDPMScheduler, DDIMScheduler]:
+    """SD 1.5 schedule: DDPM for training, DDIM (``set_alpha_to_one=False``) for inference."""
+    ddpm = DDPMScheduler(**SCHEDULER_KWARGS)
+    ddim = DDIMScheduler(**SCHEDULER_KWARGS, set_alpha_to_one=False)
+    return ddpm, ddim
+
+
+class _ConditionInjector:
+    """Forward hook on ``conv_in``: adds the pending condition to its output.
+
+    A callable object (not a bound method of the model), so ``copy.deepcopy(model)`` gives the copy its own
+    injector instead of one that still writes into the original.
+    """
+
+    def __init__(self) -> None:
+        self.pending: torch.Tensor | None = None
+
+    def __call__(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor | None:
+        c = self.pending
+        if c is None:
+            return None
+        if c.shape[1:] != output.shape[1:] or c.shape[0] not in (1, output.shape[0]):
+            raise ConfigError(f"CDADModel: AMN condition of shape {tuple(c.shape)} does not fit the U-Net conv_in "
+                              f"output {tuple(output.shape)}")
+        return output + c.to(output.dtype)
+
+
+class CDADModel(nn.Module):
+    """Trainable ``unet`` and ``amn``; frozen ``first_stage``; constant ``context`` buffer (1×L×D)."""
+
+    def __init__(self, unet: nn.Module, amn: AMN, first_stage: nn.Module, context: torch.Tensor,
+                 lambda_amn: float = 1.0, amn_target_detach: bool = False):
+        super().__init__()
+        self.unet = unet
+        self.amn = amn
+        self.first_stage = first_stage
+        if context.ndim != 3 or context.shape[0] != 1:
+            raise ConfigError(f"CDADModel: context must be 1×L×D, got {tuple(context.shape)}")
+        if context.shape[-1] != unet.config.cross_attention_dim:
+            raise ConfigError(f"CDADModel: context width {context.shape[-1]} != U-Net cross_attention_dim "
+                              f"{unet.config.cross_attention_dim}")
+        if unet.config.in_channels != first_stage.latent_channels:
+            raise ConfigError(f"CDADModel: U-Net in_channels {unet.config.in_channels} != first-stage latent "
+                              f"channels {first_stage.latent_channels}")
+        if amn.cfg.channels != unet.config.block_out_channels[0]:
+            raise ConfigError(f"CDADModel: AMN channels {amn.cfg.channels} != U-Net block_out_channels[0] "
+                              f"{unet.config.block_out_channels[0]}")
+        self.register_buffer("context", context.detach().float().clone())
+        self.lambda_amn = float(lambda_amn)
+        self.amn_target_detach = bool(amn_target_detach)
+        self.noise_scheduler, self.ddim_scheduler = make_schedulers()
+        self._injector = _ConditionInjector()
+        self.unet.conv_in.register_forward_hook(self._injector)
+
+    # ----------------------------------------------------------------- first stage
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.first_stage.encode(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.first_stage.decode(z)
+
+    # ----------------------------------------------------------------- denoiser
+    def condition(self, x: torch.Tensor) -> torch.Tensor:
+        """AMN condition c = E_no(E_lo(x)+pos) at latent resolution; compute once per image."""
+        return self.amn(x)[0]
+
+    @contextmanager
+    def _injected(self, c: torch.Tensor | None):
+        self._injector.pending = c
+        try:
+            yield
+        finally:
+            self._injector.pending = None
+
+    def predict_eps(self, z_t: torch.Tensor, t: torch.Tensor | int, c: torch.Tensor | None) -> torch.Tensor:
+        """ε prediction of the U-Net with ``c`` added after ``conv_in`` (``c=None``: the plain U-Net)."""
+        b = z_t.shape[0]
+        t = torch.as_tensor(t, device=z_t.device)
+        t = t.expand(b) if t.ndim == 0 else t
+        context = self.context.expand(b, -1, -1).to(z_t.dtype)
+        with self._injected(c):
+            return self.unet(z_t, t, encoder_hidden_states=context).sample
+
+    def forward(self, image: torch.Tensor, perturbed: torch.Tensor,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Training loss: ε-MSE on the clean latent conditioned on AMN(x̃) + λ·‖E_no(E_lo(x̃)+pos) − E_lo(x)‖²."""
+        z = self.encode(image)
+        b = z.shape[0]
+        dev = generator.device if generator is not None else z.device
+        T = self.noise_scheduler.config.num_train_timesteps
+        t = torch.randint(0, T, (b,), generator=generator, device=dev).to(z.device)
+        noise = torch.randn(z.shape, generator=generator, device=dev, dtype=z.dtype).to(z.device)
+        z_t = self.noise_scheduler.add_noise(z, noise, t)
+        local = self.amn.encode_local(torch.cat([perturbed, image]))
+        local_pert, local_clean = local[:b], local[b:]
+        c = self.amn.encode_nonlocal(local_pert)
+        target = local_clean.detach() if self.amn_target_detach else local_clean
+        amn_loss = F.mse_loss(c.float(), target.float())
+        eps_loss = F.mse_loss(self.predict_eps(z_t, t, c).float(), noise.float())
+        return {"loss": eps_loss + self.lambda_amn * amn_loss, "eps_loss": eps_loss.detach(),
+                "amn_loss": amn_loss.detach()}
+
+    # ----------------------------------------------------------------- bookkeeping
+    def protected_modules(self) -> dict[str, nn.Module]:
+        """Every ``nn.Linear``/``nn.Conv2d`` of ``unet`` and ``amn`` by qualified name (``unet.…``, ``amn.…``)."""
+        out: dict[str, nn.Module] = {}
+        for prefix in ("unet", "amn"):
+            for name, mod in getattr(self, prefix).named_modules():
+                if isinstance(mod, (nn.Linear, nn.Conv2d)):
+                    out[f"{prefix}.{name}"] = mod
+        return out
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for m in (self.unet, self.amn) for p in m.parameters() if p.requires_grad]
+
+    def train(self, mode: bool = True) -> CDADModel:
+        super().train(mode)
+        self.first_stage.train(False)
+        return self
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Activation checkpointing for the U-Net blocks and the AMN transformer layers."""
+        if enabled:
+            self.unet.enable_gradient_checkpointing()
+        else:
+            self.unet.disable_gradient_checkpointing()
+        self.amn.gradient_checkpointing = enabled
+
+    def set_attention_backend(self, backend: str) -> None:
+        """``sdpa`` (torch) or ``xformers`` for both the AMN and the U-Net."""
+        if backend not in ATTENTION_BACKENDS:
+            raise ConfigError(f"CDADModel: attention_backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+        if backend == "xformers":
+            try:
+                import xformers  # noqa: F401
+            except ImportError as exc:
+                raise ConfigError("CDADModel: attention_backend='xformers' but xformers is not installed "
+                                  "(pip install xformers, or use 'sdpa')") from exc
+            self.unet.enable_xformers_memory_efficient_attention()
+        else:
+            from diffusers.models.attention_processor import AttnProcessor2_0
+
+            self.unet.set_attn_processor(AttnProcessor2_0())
+        self.amn.set_attention_backend(backend)
+
+    def set_first_stage_dtype(self, dtype: torch.dtype) -> None:
+        """Cast the frozen first stage to the compute dtype (trainable weights stay fp32)."""
+        if hasattr(self.first_stage, "set_dtype"):
+            self.first_stage.set_dtype(dtype)

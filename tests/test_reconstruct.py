@@ -1,0 +1,156 @@
+"""Reconstruction modes: shapes, determinism, DDIM bookkeeping, closeness at small t."""
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from cdad_dist.errors import CdadError
+from cdad_dist.eval.reconstruct import (ReconstructionConfig, ddim_step, ddim_timesteps, reconstruct,
+                                        reconstruct_latent, vae_roundtrip)
+from cdad_dist.models.presets import ModelConfig, build_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = build_model(ModelConfig(preset="tiny"))
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+MODES = [ReconstructionConfig(mode="ddim", steps=3), ReconstructionConfig(mode="one_step"),
+         ReconstructionConfig(mode="fused")]
+
+
+@pytest.mark.parametrize("cfg", MODES, ids=lambda c: c.mode)
+def test_shapes_range_and_determinism(model, images, cfg):
+    a = reconstruct(model, images, cfg, generator=torch.Generator().manual_seed(1))
+    b = reconstruct(model, images, cfg, generator=torch.Generator().manual_seed(1))
+    c = reconstruct(model, images, cfg, generator=torch.Generator().manual_seed(2))
+    assert a.shape == images.shape and a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert torch.equal(reconstruct(model, images, cfg), reconstruct(model, images, cfg))  # cfg.seed
+
+
+def test_vae_roundtrip_is_identity_for_space_to_depth(model, images):
+    torch.testing.assert_close(vae_roundtrip(model, images), images)
+
+
+def test_timesteps_start_exactly_at_start_t():
+    assert ddim_timesteps(999, 10) == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
+    ts = ddim_timesteps(260, 7)
+    assert ts[0] == 260 and len(ts) == 7 and all(a > b >= 0 for a, b in zip(ts, ts[1:]))
+    assert ddim_timesteps(4, 5) == [4, 3, 2, 1, 0]
+
+
+def test_ddim_step_matches_diffusers_for_uniform_trailing_schedule(model):
+    ref = DDIMScheduler.from_config(model.ddim_scheduler.config)
+    ref.set_timesteps(10)
+    assert ref.timesteps.tolist() == ddim_timesteps(999, 10)
+    g = torch.Generator().manual_seed(0)
+    z, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    ts = ddim_timesteps(999, 10)
+    for i, t in enumerate(ts):
+        prev = ts[i + 1] if i + 1 < len(ts) else -1
+        torch.testing.assert_close(ddim_step(model.ddim_scheduler, eps, t, prev, z),
+                                   ref.step(eps, t, z, eta=0.0).prev_sample)
+
+
+def test_condition_computed_once_per_image(model, images):
+    calls = {"amn": 0, "unet": 0}
+    h1 = model.amn.register_forward_hook(lambda *a: calls.__setitem__("amn", calls["amn"] + 1))
+    h2 = model.unet.register_forward_hook(lambda *a: calls.__setitem__("unet", calls["unet"] + 1))
+    try:
+        reconstruct(model, images, ReconstructionConfig(mode="ddim", steps=4))
+        assert calls == {"amn": 1, "unet": 4}
+        calls.update(amn=0, unet=0)
+        reconstruct(model, images, ReconstructionConfig(mode="fused"))
+        assert calls == {"amn": 1, "unet": 1}  # both scales in ONE batched U-Net call
+    finally:
+        h1.remove()
+        h2.remove()
+
+
+class OracleEps:
+    """Stands in for ``predict_eps``: the exact noise of z_t relative to the known clean latent z."""
+
+    def __init__(self, model, z):
+        self.model, self.z, self.seen_t = model, z, []
+
+    def __call__(self, z_t, t, c):
+        a = self.model.ddim_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+        zz = torch.cat([self.z] * (z_t.shape[0] // self.z.shape[0]))
+        self.seen_t.append(t.tolist())
+        return (z_t - a.sqrt() * zz) / (1 - a).sqrt()
+
+
+@pytest.mark.parametrize("start_t,steps", [(999, 10), (500, 7), (40, 3)])
+def test_ddim_with_exact_eps_lands_on_the_clean_latent(model, images, start_t, steps, monkeypatch):
+    z = model.encode(images)
+    oracle = OracleEps(model, z)
+    monkeypatch.setattr(model, "predict_eps", oracle)
+    cfg = ReconstructionConfig(mode="ddim", start_t=start_t, steps=steps)
+    out = reconstruct_latent(model, z, None, cfg, generator=torch.Generator().manual_seed(5))
+    noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(5))
+    a0 = model.ddim_scheduler.final_alpha_cumprod  # set_alpha_to_one=False: the last step lands on ᾱ_0
+    torch.testing.assert_close(out, a0.sqrt() * z + (1 - a0).sqrt() * noise, atol=2e-4, rtol=1e-4)
+    assert [t[0] for t in oracle.seen_t] == ddim_timesteps(start_t, steps)
+
+
+@pytest.mark.parametrize("cfg", MODES[1:], ids=lambda c: c.mode)
+def test_one_step_and_fused_with_exact_eps_give_the_clean_latent(model, images, cfg, monkeypatch):
+    z = model.encode(images)
+    monkeypatch.setattr(model, "predict_eps", OracleEps(model, z))
+    out = reconstruct_latent(model, z, None, cfg, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, z, atol=2e-4, rtol=1e-4)
+
+
+def test_fused_guidance_formula(model, images, monkeypatch):
+    """With a constant ε̂ the fused x̂0 has a closed form; checks w and the t_s/t_b bookkeeping."""
+    z = model.encode(images)
+    const = torch.randn(z.shape, generator=torch.Generator().manual_seed(9))
+    monkeypatch.setattr(model, "predict_eps", lambda z_t, t, c: torch.cat([const] * (z_t.shape[0] // 2)))
+    cfg = ReconstructionConfig(mode="fused", t_s=200, t_b=600, w=0.5)
+    out = reconstruct_latent(model, z, None, cfg, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    n_s, n_b = torch.randn(z.shape, generator=g), torch.randn(z.shape, generator=g)
+    ac = model.ddim_scheduler.alphas_cumprod
+    a_s, a_b = ac[200], ac[600]
+    z_s, z_b = a_s.sqrt() * z + (1 - a_s).sqrt() * n_s, a_b.sqrt() * z + (1 - a_b).sqrt() * n_b
+    x0_b = (z_b - (1 - a_b).sqrt() * const) / a_b.sqrt()
+    eps_g = const - 0.5 * (1 - a_s).sqrt() * (a_s.sqrt() * x0_b + (1 - a_s).sqrt() * const - z_s)
+    torch.testing.assert_close(out, (z_s - (1 - a_s).sqrt() * eps_g) / a_s.sqrt(), atol=1e-4, rtol=1e-4)
+
+
+def test_small_t_reconstructs_the_input_closely(model, images):
+    err = lambda cfg: (reconstruct(model, images, cfg) - images).abs().mean().item()  # noqa: E731
+    ddim_small = err(ReconstructionConfig(mode="ddim", start_t=5, steps=2))
+    one_small = err(ReconstructionConfig(mode="one_step", one_step_t=3))
+    ddim_full = err(ReconstructionConfig(mode="ddim", start_t=999, steps=2))
+    assert ddim_small < 0.05 and one_small < 0.05, (ddim_small, one_small)
+    assert ddim_full > 4 * ddim_small
+
+
+def test_config_errors(model, images):
+    for cfg in (ReconstructionConfig(mode="dpm"), ReconstructionConfig(start_t=1000),
+                ReconstructionConfig(start_t=3, steps=5), ReconstructionConfig(mode="fused", t_b=-1)):
+        with pytest.raises(CdadError, match="reconstruction"):
+            reconstruct(model, images, cfg)
+
+
+def test_runs_under_inference_mode(model, images, monkeypatch):
+    seen = []
+    orig = model.predict_eps
+
+    def spy(z_t, t, c):
+        seen.append(torch.is_inference_mode_enabled())
+        return orig(z_t, t, c)
+
+    monkeypatch.setattr(model, "predict_eps", spy)
+    reconstruct(model, images, ReconstructionConfig(mode="one_step"))
+    assert seen == [True]
