@@ -93,7 +93,8 @@ class RunConfig:
 
 
 def _to_float(value: Any) -> float:
-    # YAML reads `1e-4` as a string and `1` as an int; both are meant as floats.
+    # YAML reads `1e-4` as a string and `1` as an int; both are meant as floats. (In a union, dacite tries the
+    # members in order, so `int | float` keeps ints as ints.)
     if isinstance(value, bool):
         raise TypeError(value)
     if isinstance(value, (int, float)):

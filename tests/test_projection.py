@@ -99,7 +99,7 @@ def leak_and_bound(strategy: CDADStrategy, layers: dict, start: dict, x_old: dic
     """Per layer: ‖ΔW·U‖/‖ΔW‖ and the old-output change ‖ΔW·X_old‖ against its bound."""
     out = {}
     for name, module in layers.items():
-        U = strategy.store.bases[name].double()
+        U = strategy.store.basis(name, torch.float64)  # U even where the store keeps its complement
         dW = (module.weight.detach().double() - start[name]).reshape(module.weight.shape[0], -1)
         X = x_old[name]
         out[name] = {"k": U.shape[1], "d": U.shape[0], "dW": float(dW.norm()),
@@ -314,8 +314,22 @@ def test_state_dict_resumes_the_bases():
     with torch.no_grad():
         net.fc1.weight.add_(torch.randn_like(net.fc1.weight))
     resumed.after_optimizer_step(net)
-    U = resumed.store.bases["fc1"]
+    U = resumed.store.basis("fc1")
     assert float(((net.fc1.weight.detach() - w) @ U).norm()) < 1e-5
+
+
+def test_backends_where_projection_would_silently_fail_are_refused():
+    class FakeAccelerator:
+        def __init__(self, kind: str) -> None:
+            self.distributed_type = kind
+
+    net = Net()
+    with pytest.raises(ConfigError, match="DeepSpeed"):
+        CDADStrategy(ContinualConfig(project="update")).begin_task(0, net, FakeAccelerator("DistributedType.DEEPSPEED"))
+    with pytest.raises(ConfigError, match="FSDP"):
+        CDADStrategy(ContinualConfig(project="grad")).begin_task(0, net, FakeAccelerator("FSDP"))
+    CDADStrategy(ContinualConfig(project="grad")).begin_task(0, net, FakeAccelerator("DEEPSPEED"))
+    CDADStrategy(ContinualConfig()).begin_task(0, net, FakeAccelerator("MULTI_GPU"))
 
 
 def test_projector_never_needs_uut_and_checks_shapes():
@@ -326,3 +340,40 @@ def test_projector_never_needs_uut_and_checks_shapes():
         Projector({"fc1": nn.Linear(10, 3)}, {"fc1": U}, "update")
     with pytest.raises(ConfigError):
         Projector({}, {}, "both")
+
+
+def test_paper_faithful_strategy_uses_paper_isvd_and_eq6():
+    net = Net()
+    strategy = CDADStrategy(ContinualConfig(paper_faithful=True, capture=CaptureConfig(images=1.0)))
+    for task, images in enumerate((smooth_images(16, 0), noisy_images(16, 1))):
+        strategy.begin_task(task, net)
+        strategy.end_task(task, net, batches_of(images), lambda b: net(b["image"]))
+    layers = strategy.history[-1]["layers"]
+    assert {info["sketch"] for info in layers.values()} == {"isvd_paper"}
+    for name, U in strategy.store.bases.items():
+        assert torch.linalg.matrix_norm(U.double().mT @ U.double() - torch.eye(U.shape[1]), ord=2) < 1e-5
+        assert layers[name]["k_old"] == strategy.history[0]["layers"][name]["k_new"]
+
+
+@pytest.mark.parametrize("mode", ["trajectory", "random_t"])
+def test_capture_forward_on_the_tiny_model(mode):
+    from cdad_dist.continual.capture import make_capture_forward
+    from cdad_dist.models.presets import ModelConfig, build_model
+
+    model = build_model(ModelConfig(preset="tiny"))
+    cfg = ContinualConfig(layer_patterns=LayerPatterns(include=["unet.conv_in", "amn.layers.0.*"]),
+                          capture=CaptureConfig(mode=mode, images=1.0, ddim_steps=3, random_timesteps=2))
+    strategy = CDADStrategy(cfg)
+    layers = strategy.protected_layers(model)
+    assert "unet.conv_in" in layers and any(n.startswith("amn.layers.0.") for n in layers)
+    images = torch.rand(2, 3, model.model_config.image_size, model.model_config.image_size,
+                        generator=torch.Generator().manual_seed(0))
+    strategy.begin_task(0, model)
+    strategy.end_task(0, model, [{"image": images, "key": ["a", "b"]}], make_capture_forward(model, cfg.capture))
+    info = strategy.history[-1]["layers"]
+    latent = model.encode(images)
+    unet_calls = 3 if mode == "trajectory" else 2  # U-Net once per DDIM step / per random timestep
+    assert info["unet.conv_in"]["n_columns"] == unet_calls * latent.shape[0] * latent.shape[2] * latent.shape[3]
+    assert all(info[n]["n_columns"] > 0 for n in layers)  # the AMN ran (once per image batch)
+    assert strategy.history[-1]["layers_without_inputs"] == []
+    assert model.training  # the capture pass restored the training mode

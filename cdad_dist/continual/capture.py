@@ -7,6 +7,8 @@ are never held together.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -28,7 +30,7 @@ class CaptureConfig:
     """Which forward passes feed the sketches after a task."""
 
     mode: str = "trajectory"  # trajectory: DDIM steps from the start timestep as at test time; random_t
-    images: float | int = 0.1  # int ≥ 1: number of images (over all ranks); float in (0, 1]: fraction
+    images: int | float = 0.1  # int ≥ 1: number of images (over all ranks); float in (0, 1]: fraction
     max_columns_per_block: int | None = None  # None keeps every column of every block
     seed: int = 0
     ddim_steps: int = 10  # trajectory mode
@@ -119,10 +121,13 @@ class FeatureCapture:
     def _make_hook(self, name: str) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
             x = args[0] if args else kwargs["input"]
-            block = self.subsample(name, layer_input_block(module, x.detach()))
-            if self.sketch_device is not None:
-                block = block.to(self.sketch_device)
-            self.sketches[name].update(block)  # the sketch casts to its own compute dtype
+            # The capture pass may run under torch.inference_mode (it reuses evaluation code); the sketches must
+            # hold ordinary tensors, since they are all-reduced and updated in place afterwards.
+            with torch.inference_mode(False):
+                block = self.subsample(name, layer_input_block(module, x.detach().clone()))
+                if self.sketch_device is not None:
+                    block = block.to(self.sketch_device)
+                self.sketches[name].update(block)  # the sketch casts to its own compute dtype
             self.calls[name] += 1
         return hook
 
@@ -210,21 +215,19 @@ def select_capture_batches(batches: Iterable[dict], cfg: CaptureConfig, rank: in
         yield _concat(reservoir[start:start + batch_size])
 
 
-def make_capture_forward(model: nn.Module, cfg: CaptureConfig, rank: int = 0,
+def make_capture_forward(model: nn.Module, cfg: CaptureConfig, reconstruction=None, rank: int = 0,
                          device: torch.device | str | None = None) -> Callable[[dict], None]:
     """A ``capture_forward(batch)`` for the CDAD model API (encode / condition / predict_eps / noise_scheduler).
 
-    trajectory: z noised to the first DDIM timestep (t=999 with the model's "trailing" DDIM config), then
-    ``ddim_steps`` DDIM steps (η = 0) as at test time; random_t: ``random_timesteps`` independent noisings at uniform t. The AMN condition is computed once per
-    image. Noise comes from a generator seeded with (seed, rank), so the capture pass is reproducible.
+    trajectory: the evaluation's DDIM reconstruction (``reconstruction``: start timestep as at test time) with
+    ``ddim_steps`` steps, through the same code as evaluation; random_t: ``random_timesteps`` independent
+    noisings at uniform t. The AMN condition is computed once per image. Noise comes from a generator seeded with
+    (seed, rank), so the capture pass is reproducible.
     """
-    from diffusers import DDIMScheduler
+    from cdad_dist.eval.reconstruct import ReconstructionConfig, reconstruct_latent
 
-    # A private copy: set_timesteps mutates a scheduler, and the model's own one serves evaluation.
-    source = getattr(model, "ddim_scheduler", None) or model.noise_scheduler
-    scheduler = DDIMScheduler.from_config(source.config)
-    scheduler.set_timesteps(cfg.ddim_steps)
-    num_train = int(scheduler.config.num_train_timesteps)
+    trajectory = dataclasses.replace(reconstruction or ReconstructionConfig(), mode="ddim", steps=cfg.ddim_steps)
+    num_train = int(model.noise_scheduler.config.num_train_timesteps)
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank)
 
     @torch.no_grad()
@@ -232,18 +235,13 @@ def make_capture_forward(model: nn.Module, cfg: CaptureConfig, rank: int = 0,
         x = batch["image"].to(device) if device is not None else batch["image"]
         z0 = model.encode(x)
         c = model.condition(x)
-        n = z0.shape[0]
         if cfg.mode == "trajectory":
-            noise = torch.randn(z0.shape, generator=generator).to(z0)
-            t0 = scheduler.timesteps[0]
-            z = scheduler.add_noise(z0, noise, t0.repeat(n))
-            for t in scheduler.timesteps:
-                eps = model.predict_eps(z, t.repeat(n).to(z.device), c)
-                z = scheduler.step(eps, t, z).prev_sample
+            reconstruct_latent(model, z0, c, trajectory, generator)
             return
+        n = z0.shape[0]
         for _ in range(cfg.random_timesteps):
             noise = torch.randn(z0.shape, generator=generator).to(z0)
             t = torch.randint(0, num_train, (n,), generator=generator)
-            model.predict_eps(scheduler.add_noise(z0, noise, t), t.to(z0.device), c)
+            model.predict_eps(model.noise_scheduler.add_noise(z0, noise, t.to(z0.device)), t.to(z0.device), c)
 
     return capture_forward

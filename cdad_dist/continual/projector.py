@@ -1,21 +1,29 @@
 """Keep every update of a protected weight orthogonal to its old tasks' input space span(U).
 
-Weight W (out × d, a conv viewed as out × in·kh·kw), basis U (d × k, orthonormal). Two modes:
+Weight W (out × d, a conv viewed as out × in·kh·kw), basis U (d × k, orthonormal). Each layer comes in the
+store's smaller form: U itself (k ≤ d/2) or its orthonormal complement V (d × (d−k), k > d/2); with
+P⊥ = I − U·Uᵀ = V·Vᵀ the projection of a change M is M − (M·U)·Uᵀ or (M·V)·Vᵀ, whichever is thinner, so a step
+costs O(out·d·min(k, d−k)). U·Uᵀ (d × d) is never formed. Layers with k = 0 need no work; layers with k = d
+cannot move at all, so their weight is frozen (requires_grad=False while the projector is installed: no gradient,
+no optimizer state, no per-step work). Two modes:
 
 - ``update`` (default): after each optimizer step the change of W since an anchor taken at the first step of the
-  task is projected, ΔW ← ΔW − (ΔW·U)·Uᵀ, and W = W_anchor + ΔW. Whatever the optimizer did (AdamW's
-  per-coordinate scaling, decoupled weight decay, momentum), old inputs X_old ∈ span(U) see W·X_old unchanged.
-  Projecting the change since the anchor (not since the last step) also keeps float32 round-off from accumulating.
+  task is projected, W = W_anchor + P⊥(W − W_anchor). Whatever the optimizer did (AdamW's per-coordinate scaling,
+  decoupled weight decay, momentum), old inputs X_old ∈ span(U) see W·X_old unchanged. Projecting the change
+  since the anchor (not since the last step) also keeps float32 round-off from accumulating. The anchor is kept
+  only as much as the projection needs: W_anchor·U (out × k) for a thin U, W_anchor·U·Uᵀ (out × d) for a thin V.
 - ``grad`` (paper): each gradient is projected by a hook on the parameter (``param.register_hook``), before any
   optimizer or DDP/DeepSpeed reduction sees it; the projection is linear, so it commutes with averaging and
   accumulation. The guarantee then holds for plain SGD only: Adam(W)'s element-wise normalisation and weight decay
   move W inside span(U) again.
 
-U·Uᵀ (d × d) is never formed: two thin products cost O(out·d·k). U is kept in float32 on the weight's device.
+Factors are kept in float32 on the weight's device; the per-step work of a float32 weight is two in-place matrix
+products into preallocated buffers (no allocation per step).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -31,85 +39,172 @@ def project_rows(matrix: Tensor, U: Tensor) -> Tensor:
     return matrix - (matrix @ U) @ U.mT
 
 
-class Projector:
-    """Projection of the protected weights of one model (the unwrapped module) for one task."""
+def project_rows_complement(matrix: Tensor, V: Tensor) -> Tensor:
+    """(M·V)·Vᵀ for M (out × d): the same projection given the complement V of U."""
+    return (matrix @ V) @ V.mT
 
-    def __init__(self, layers: dict[str, nn.Module], bases: dict[str, Tensor], mode: str = "update") -> None:
+
+@dataclass
+class _Target:
+    """One projected layer: its weight, its factor (U or V, float32) and the task's anchor terms."""
+
+    weight: nn.Parameter
+    factor: Tensor
+    complement: bool
+    anchor: Tensor | None = None  # W_anchor·U (out × k) or W_anchor·U·Uᵀ (out × d)
+    coef: Tensor | None = None  # preallocated out × columns(factor) buffer
+
+    def project(self, matrix: Tensor) -> Tensor:
+        if self.complement:
+            return project_rows_complement(matrix, self.factor)
+        return project_rows(matrix, self.factor)
+
+
+class Projector:
+    """Projection of the protected weights of one model (the unwrapped module) for one task.
+
+    ``bases`` maps layer names to the stored tensor: U, or V for names in ``complement`` (see ``BasisStore``).
+    """
+
+    def __init__(self, layers: dict[str, nn.Module], bases: dict[str, Tensor], mode: str = "update",
+                 complement: Collection[str] = ()) -> None:
         if mode not in PROJECT_MODES:
             raise ConfigError(f"continual.project must be one of {PROJECT_MODES}, got {mode!r}")
         self.mode = mode
-        self._targets: dict[str, tuple[nn.Parameter, Tensor]] = {}
+        self._targets: dict[str, _Target] = {}
+        self._saturated: dict[str, nn.Parameter] = {}  # k = d: frozen instead of projected
+        self._frozen: list[nn.Parameter] = []
+        complement = set(complement)
         for name, module in layers.items():
-            U = bases.get(name)
-            if U is None or U.shape[1] == 0:
+            stored = bases.get(name)
+            if stored is None:
                 continue
-            if U.shape[0] != input_dim(module):
-                raise ConfigError(f"basis of layer {name!r} has d={U.shape[0]}, the layer's input dim is "
+            if stored.shape[0] != input_dim(module):
+                raise ConfigError(f"basis of layer {name!r} has d={stored.shape[0]}, the layer's input dim is "
                                   f"{input_dim(module)} (model and basis store do not match)")
-            self._targets[name] = (module.weight, U.detach())
-        self._anchor: dict[str, Tensor] | None = None
+            is_complement = name in complement
+            if stored.shape[1] == 0:
+                if is_complement:  # V empty: k = d, the old tasks use the whole input space
+                    self._saturated[name] = module.weight
+                continue  # U empty: nothing to protect
+            self._targets[name] = _Target(module.weight, stored.detach(), is_complement)
+        self._anchored = False
         self._hooks: list = []
 
     @property
     def names(self) -> list[str]:
+        """Layers projected each step (not the frozen ones)."""
         return list(self._targets)
 
-    def _basis(self, name: str, device: torch.device) -> Tensor:
-        """U in float32 on ``device``; moved once (the engine may move the model after the strategy saw it)."""
-        weight, U = self._targets[name]
-        if U.device != device or U.dtype != torch.float32:
-            U = U.to(device=device, dtype=torch.float32).contiguous()
-            self._targets[name] = (weight, U)
-        return U
+    @property
+    def saturated(self) -> list[str]:
+        """Layers with k = d: frozen by ``freeze_saturated``."""
+        return list(self._saturated)
+
+    def freeze_saturated(self) -> list[str]:
+        """requires_grad=False on the weights of k = d layers (call before the optimizer is built); undone by
+        ``remove``. Returns the layer names."""
+        for weight in self._saturated.values():
+            if weight.requires_grad:
+                weight.requires_grad_(False)
+                self._frozen.append(weight)
+        return self.saturated
+
+    def _factor(self, target: _Target, device: torch.device) -> Tensor:
+        """The factor in float32 on ``device``; moved once (the engine may move the model after the strategy saw
+        it)."""
+        if target.factor.device != device or target.factor.dtype != torch.float32:
+            target.factor = target.factor.to(device=device, dtype=torch.float32).contiguous()
+        return target.factor
 
     # -- update mode ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def anchor(self) -> None:
-        """Remember the weights the task's projected change is measured from (once per task)."""
-        if self._anchor is None:
-            self._anchor = {name: w.detach().clone() for name, (w, _) in self._targets.items()}
+        """Remember what the task's projected change is measured from (once per task)."""
+        if self._anchored:
+            return
+        for target in self._targets.values():
+            weight = target.weight
+            F = self._factor(target, weight.device)
+            start = weight.detach().reshape(weight.shape[0], -1).float()
+            if target.complement:  # W_anchor·U·Uᵀ = W_anchor − (W_anchor·V)·Vᵀ
+                target.anchor = start - (start @ F) @ F.mT
+            else:
+                target.anchor = start @ F
+            target.coef = torch.empty(weight.shape[0], F.shape[1], device=weight.device, dtype=torch.float32)
+        self._anchored = True
 
     @torch.no_grad()
     def project_update(self) -> None:
-        """W ← W_anchor + P⊥(W − W_anchor) for every protected weight."""
-        if self._anchor is None:
+        """W ← W_anchor + P⊥(W − W_anchor) for every projected weight.
+
+        Thin U: W ← W − (W·U − W_anchor·U)·Uᵀ. Thin V: W ← W_anchor·U·Uᵀ + (W·V)·Vᵀ.
+        """
+        if not self._anchored:
             raise RuntimeError("Projector.project_update called before anchor(): call before_optimizer_step first")
-        for name, (weight, _) in self._targets.items():
-            start = self._anchor[name]
-            U = self._basis(name, weight.device)
-            delta = (weight - start).reshape(weight.shape[0], -1).float()
-            projected = start.float() + project_rows(delta, U).reshape(weight.shape)
-            weight.copy_(projected)
+        for target in self._targets.values():
+            weight = target.weight
+            F = self._factor(target, weight.device)
+            if weight.dtype == torch.float32 and weight.is_contiguous():
+                W = weight.view(weight.shape[0], -1)  # aliases the parameter: updated in place
+                self._project_inplace(target, W, F)
+            else:  # e.g. half-precision or channels-last weights: compute in float32, copy back
+                W = weight.detach().reshape(weight.shape[0], -1).float()
+                self._project_inplace(target, W, F)
+                weight.copy_(W.reshape(weight.shape))
+
+    @staticmethod
+    def _project_inplace(target: _Target, W: Tensor, F: Tensor) -> None:
+        coef = target.coef
+        torch.mm(W, F, out=coef)
+        if target.complement:
+            torch.addmm(target.anchor, coef, F.mT, out=W)
+        else:
+            coef.sub_(target.anchor)
+            W.addmm_(coef, F.mT, alpha=-1.0)
 
     # -- grad mode -----------------------------------------------------------------------------------------------
     def install_grad_hooks(self) -> None:
         if self._hooks:
             return
-        for name, (weight, _) in self._targets.items():
-            self._hooks.append(weight.register_hook(self._grad_hook(name)))
+        for target in self._targets.values():
+            if target.weight.requires_grad:
+                self._hooks.append(target.weight.register_hook(self._grad_hook(target)))
 
-    def _grad_hook(self, name: str) -> Callable[[Tensor], Tensor]:
+    def _grad_hook(self, target: _Target) -> Callable[[Tensor], Tensor]:
         def hook(grad: Tensor) -> Tensor:
-            U = self._basis(name, grad.device)
-            projected = project_rows(grad.reshape(grad.shape[0], -1).float(), U)
+            self._factor(target, grad.device)
+            projected = target.project(grad.reshape(grad.shape[0], -1).float())
             return projected.reshape(grad.shape).to(grad.dtype)
         return hook
 
     def remove(self) -> None:
-        """Remove gradient hooks and forget the anchor (end of the task)."""
+        """Remove gradient hooks, forget the anchor and unfreeze the k = d weights (end of the task)."""
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
-        self._anchor = None
+        for target in self._targets.values():
+            target.anchor, target.coef = None, None
+        self._anchored = False
+        for weight in self._frozen:
+            weight.requires_grad_(True)
+        self._frozen.clear()
 
     # -- diagnostics ---------------------------------------------------------------------------------------------
+    def anchor_bytes(self) -> int:
+        """Memory held for the task's anchor terms and step buffers (0 before ``anchor``)."""
+        return sum(t.numel() * t.element_size() for target in self._targets.values()
+                   for t in (target.anchor, target.coef) if t is not None)
+
     @torch.no_grad()
     def leak_ratios(self, reference: dict[str, Tensor]) -> dict[str, float]:
         """‖ΔW·U‖_F / ‖ΔW‖_F per layer with ΔW = W − reference[name] (0 when ΔW = 0)."""
         ratios = {}
-        for name, (weight, _) in self._targets.items():
+        for name, target in self._targets.items():
+            weight = target.weight
             delta = (weight - reference[name].to(weight.device)).reshape(weight.shape[0], -1).double()
             norm = float(delta.norm())
-            U = self._basis(name, weight.device).double()
-            ratios[name] = float((delta @ U).norm()) / norm if norm > 0 else 0.0
+            F = target.factor.to(weight.device, torch.float64)
+            inside = delta - project_rows_complement(delta, F) if target.complement else delta @ F
+            ratios[name] = float(inside.norm()) / norm if norm > 0 else 0.0
         return ratios

@@ -25,7 +25,7 @@ from cdad_dist.continual.memory import gpm_merge, gpm_merge_gram
 from cdad_dist.continual.projector import PROJECT_MODES, Projector
 from cdad_dist.continual.reducer import dist_info, reduce_and_finalize
 from cdad_dist.continual.sketches import SKETCH_KINDS, GramSketch, Sketch, SketchOptions, make_sketch
-from cdad_dist.continual.store import BasisStore, basis_dtype
+from cdad_dist.continual.store import BasisStore, basis_dtype, compact_form
 from cdad_dist.errors import CdadError, CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,7 @@ class CDADStrategy(ContinualStrategy):
         self.tasks_done = 0
         self.history: list[dict] = []
         self.frozen: list[str] = []
+        self.saturated: list[str] = []  # protected layers with k = d, frozen for the current task
         self._projector: Projector | None = None
         self._layers: tuple[int, dict[str, nn.Module]] | None = None
 
@@ -162,17 +163,31 @@ class CDADStrategy(ContinualStrategy):
 
     # -- training hooks --------------------------------------------------------------------------------------------
     def begin_task(self, task_index: int, model: nn.Module, accelerator=None) -> None:
+        self._check_backend(accelerator)
         self._close_projector()
         layers = self.protected_layers(model)
         if task_index > 0 and self.cfg.freeze_unprotected:
             self.frozen = freeze_unprotected(model, layers)
+        self.saturated = []
         if self.store.bases:
-            self._projector = Projector(layers, self.store.bases, self.cfg.project)
+            self._projector = Projector(layers, self.store.bases, self.cfg.project, complement=self.store.complement)
+            self.saturated = self._projector.freeze_saturated()
             if self.cfg.project == "grad":
                 self._projector.install_grad_hooks()
-        log.info("cdad: task %d: %d protected layers, %d projected (%s mode), %d parameters frozen", task_index,
-                 len(layers), len(self._projector.names) if self._projector else 0, self.cfg.project,
-                 len(self.frozen))
+        log.info("cdad: task %d: %d protected layers, %d projected (%s mode), %d frozen (k = d), %d other "
+                 "parameters frozen", task_index, len(layers), len(self._projector.names) if self._projector else 0,
+                 self.cfg.project, len(self.saturated), len(self.frozen))
+
+    def _check_backend(self, accelerator) -> None:
+        """Refuse combinations where the projection would silently do nothing or hit sharded weights."""
+        kind = str(getattr(accelerator, "distributed_type", "") or "").upper()
+        if "FSDP" in kind:
+            raise ConfigError("continual.strategy=cdad does not support FSDP (protected weights are sharded "
+                              "flat parameters); use DDP or DeepSpeed ZeRO-2")
+        if "DEEPSPEED" in kind and self.cfg.project == "update":
+            raise ConfigError("continual.project=update does not work under DeepSpeed: its optimizer keeps fp32 "
+                              "master weights and overwrites the module's weights after every step; use "
+                              "continual.project=grad (per-parameter gradient hooks)")
 
     def before_optimizer_step(self, model: nn.Module) -> None:
         if self._projector is not None and self.cfg.project == "update":
@@ -190,9 +205,13 @@ class CDADStrategy(ContinualStrategy):
         protected = [p for p in model.parameters() if p.requires_grad and id(p) in protected_ids]
         other = [p for p in model.parameters() if p.requires_grad and id(p) not in protected_ids]
         decay = 0.0 if (self.cfg.project == "grad" and self.store.bases) else weight_decay
-        groups = [{"params": protected, "weight_decay": decay, "name": "protected"}]
-        if other:
-            groups.append({"params": other, "weight_decay": weight_decay, "name": "unprotected"})
+        groups = [{"params": protected, "weight_decay": decay, "name": "protected"},
+                  {"params": other, "weight_decay": weight_decay, "name": "unprotected"}]
+        groups = [g for g in groups if g["params"]]
+        if not groups:
+            raise ConfigError(f"cdad: nothing left to train after task {self.tasks_done - 1}: every protected layer "
+                              f"is saturated (k = d, {len(self.saturated)} layers) and the other parameters are "
+                              "frozen; lower continual.gamma or set continual.freeze_unprotected=false")
         return groups
 
     def _close_projector(self) -> None:
@@ -213,7 +232,8 @@ class CDADStrategy(ContinualStrategy):
         images = self._capture(task_index, model, layers, sketches, capture_batches, capture_forward, rank, world)
         result = reduce_and_finalize(sketches, self._finalize)
         del sketches
-        self.store = BasisStore(bases=result.bases, gamma=self.cfg.gamma, task=task_index)
+        complement = {name for name, meta in result.info.items() if meta.get("stored") == "complement"}
+        self.store = BasisStore(bases=result.bases, gamma=self.cfg.gamma, task=task_index, complement=complement)
         self.tasks_done = task_index + 1
         summary = self._summarise(task_index, layers, result, images)
         self.history.append(summary)
@@ -228,10 +248,9 @@ class CDADStrategy(ContinualStrategy):
         for name, module in layers.items():
             device = self.cfg.sketch_device or module.weight.device
             sketches[name] = make_sketch(input_dim(module), options, device=device)
-            old = self.store.bases.get(name)
             # Paper Eq. 6 streams M = [Û_{t-1}, X_t]: the old basis is the first block (once, on rank 0).
-            if self.cfg.paper_faithful and rank == 0 and old is not None and old.shape[1] > 0:
-                sketches[name].update(old.to(device))
+            if self.cfg.paper_faithful and rank == 0 and name in self.store.bases and self.store.rank(name) > 0:
+                sketches[name].update(self.store.basis(name).to(device))
         return sketches
 
     def _capture(self, task_index, model, layers, sketches, capture_batches, capture_forward, rank, world) -> int:
@@ -251,21 +270,25 @@ class CDADStrategy(ContinualStrategy):
         return images
 
     def _finalize(self, name: str, sketch: Sketch) -> tuple[torch.Tensor, dict]:
-        """Runs on the layer's owner rank: the merged basis of all tasks so far."""
+        """Runs on the layer's owner rank: the merged basis of all tasks so far, in its smaller stored form
+        (U, or its complement V when k > d/2; computed in float64, then cast to ``basis_dtype``)."""
         out_dtype = basis_dtype(self.cfg.basis_dtype)
-        old = self.store.bases.get(name)
+        old = self.store.basis(name, torch.float64) if name in self.store.bases else None
         if self.cfg.paper_faithful:
-            U = sketch.basis(self.cfg.gamma).to(out_dtype)
+            U = sketch.basis(self.cfg.gamma).to(torch.float64)
             k_old = 0 if old is None else int(old.shape[1])
             info = {"d": sketch.d, "k_old": k_old, "k_new": int(U.shape[1]), "n_columns": sketch.n_columns}
         elif isinstance(sketch, GramSketch):
-            U, merge = gpm_merge_gram(old, sketch.gram(), self.cfg.gamma, sketch.n_columns, out_dtype=out_dtype)
+            U, merge = gpm_merge_gram(old, sketch.gram(), self.cfg.gamma, sketch.n_columns,
+                                      out_dtype=torch.float64)
             info = merge.to_dict()
         else:
-            U, merge = gpm_merge(old, sketch.factors(), self.cfg.gamma, out_dtype=out_dtype)
+            U, merge = gpm_merge(old, sketch.factors(), self.cfg.gamma, out_dtype=torch.float64)
             info = merge.to_dict()
-        info.update(sketch=sketch.kind, sketch_peak_bytes=sketch.peak_nbytes)
-        return U, info
+        stored, is_complement = compact_form(U)
+        info.update(sketch=sketch.kind, sketch_peak_bytes=sketch.peak_nbytes,
+                    stored="complement" if is_complement else "basis")
+        return stored.to(out_dtype).contiguous(), info
 
     def _summarise(self, task_index, layers, result, images: int) -> dict:
         weights = protected_weight_bytes(layers)
@@ -274,7 +297,8 @@ class CDADStrategy(ContinualStrategy):
             log.warning("cdad: %d protected layers received no inputs during capture (not protected by task %d): "
                         "%s", len(empty), task_index, empty[:10])
         return {"task": task_index, "digest": result.digest, "images_this_rank": images,
-                "k_total": sum(int(U.shape[1]) for U in result.bases.values()), "bytes": self.store.total_bytes(),
+                "k_total": sum(self.store.rank(n) for n in self.store.bases), "bytes": self.store.total_bytes(),
+                "complement_layers": len(self.store.complement),
                 "relative_to_weights": self.store.relative_to(weights), "layers_without_inputs": empty,
                 "layers": result.info}
 
@@ -282,8 +306,9 @@ class CDADStrategy(ContinualStrategy):
     def report(self) -> dict:
         """Size and ranks of the current bases (plain data)."""
         return {"tasks_done": self.tasks_done, "bytes": self.store.total_bytes(),
-                "k": {n: int(U.shape[1]) for n, U in self.store.bases.items()},
-                "d": {n: int(U.shape[0]) for n, U in self.store.bases.items()}}
+                "k": {n: self.store.rank(n) for n in self.store.bases},
+                "d": {n: self.store.dim(n) for n in self.store.bases},
+                "complement": sorted(self.store.complement)}
 
     def export_bases(self, directory) -> Any:
         """Write the current bases as ``bases_task<t>.safetensors`` (atomic); call on one rank."""
@@ -293,6 +318,7 @@ class CDADStrategy(ContinualStrategy):
         return {"format": STATE_FORMAT, "name": self.name, "tasks_done": self.tasks_done,
                 "gamma": self.cfg.gamma, "task": self.store.task,
                 "bases": {n: U.detach().cpu().clone() for n, U in self.store.bases.items()},
+                "complement": sorted(self.store.complement),  # layers whose stored tensor is V = U⊥
                 "history": list(self.history)}
 
     def load_state_dict(self, state: dict) -> None:
@@ -300,14 +326,18 @@ class CDADStrategy(ContinualStrategy):
         try:
             bases = {str(n): U for n, U in state["bases"].items()}
             tasks_done, task = int(state["tasks_done"]), int(state["task"])
+            complement = {str(n) for n in state.get("complement", [])}  # absent in states that stored U only
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"continual strategy state: missing or bad entry ({exc})") from exc
         if any(not isinstance(U, torch.Tensor) or U.dim() != 2 for U in bases.values()):
             raise CheckpointError("continual strategy state: every basis must be a 2-D tensor")
+        if not complement <= set(bases):
+            raise CheckpointError(f"continual strategy state: complement layers {sorted(complement - set(bases))[:5]} "
+                                  "have no stored tensor")
         if float(state.get("gamma", self.cfg.gamma)) != self.cfg.gamma:
             log.warning("cdad: bases were built with gamma=%s, this run uses %s", state.get("gamma"), self.cfg.gamma)
         self._close_projector()
-        self.store = BasisStore(bases=bases, gamma=self.cfg.gamma, task=task)
+        self.store = BasisStore(bases=bases, gamma=self.cfg.gamma, task=task, complement=complement)
         self.tasks_done = tasks_done
         self.history = list(state.get("history", []))
 

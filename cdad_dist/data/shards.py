@@ -29,6 +29,7 @@ import webdataset as wds
 
 from cdad_dist.data.catalog import SampleRecord
 from cdad_dist.data.images import read_mask, read_rgb
+from cdad_dist.atomic import sha256_file, write_json_atomic
 from cdad_dist.errors import CdadError, DatasetError, ShardError
 
 MANIFEST_FORMAT = 1
@@ -213,14 +214,6 @@ def _encode_sample(s: _PlannedSample, image_size: int | None, image_format: str)
 # writing one shard (runs in worker processes)
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_shard(plan: _ShardPlan, out_dir: str) -> dict[str, Any]:
     """Write one shard atomically; returns its manifest entry (count 0 and no file if every sample was bad)."""
     out = Path(out_dir)
@@ -251,7 +244,7 @@ def _write_shard(plan: _ShardPlan, out_dir: str) -> dict[str, Any]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return {"name": plan.name, "count": count, "bytes": final.stat().st_size, "sha256": _sha256_file(final),
+    return {"name": plan.name, "count": count, "bytes": final.stat().st_size, "sha256": sha256_file(final),
             "plan": plan.fingerprint(), "skipped": skipped}
 
 
@@ -279,15 +272,6 @@ def samples_per_shard_for(sample_bytes: float, shard_bytes: float = DEFAULT_SHAR
 
 # ----------------------------------------------------------------------------------------------------------------
 # manifests
-
-
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _previous_entries(out: Path) -> dict[str, dict[str, Any]]:
@@ -321,7 +305,7 @@ def _reusable(entry: dict[str, Any] | None, plan: _ShardPlan, out: Path) -> bool
     path = out / plan.name
     if not path.is_file() or path.stat().st_size != entry.get("bytes"):
         return False
-    return _sha256_file(path) == entry.get("sha256")
+    return sha256_file(path) == entry.get("sha256")
 
 
 def _final_manifest(plans: list[_ShardPlan], entries: dict[str, dict[str, Any]], image_size: int | None,
@@ -368,7 +352,7 @@ def _run_plans(todo: list[_ShardPlan], out: Path, pool: cf.Executor | None,
 
     def record(entry: dict[str, Any]) -> None:
         done[entry["name"]] = entry
-        _atomic_write_json(partial, {"format": MANIFEST_FORMAT, "shards": done})
+        write_json_atomic(partial, {"format": MANIFEST_FORMAT, "shards": done})
 
     if pool is None:
         for plan in todo:
@@ -423,7 +407,7 @@ def build_shards(records: list[SampleRecord], out_dir: str | os.PathLike, *, ima
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
     manifest = _final_manifest(plans, done, image_size, image_format, per_shard)
-    _atomic_write_json(out / MANIFEST_NAME, manifest)
+    write_json_atomic(out / MANIFEST_NAME, manifest)
     (out / PARTIAL_MANIFEST_NAME).unlink(missing_ok=True)
     return manifest
 
@@ -584,7 +568,7 @@ def _verify_one(path: Path, entry: dict[str, Any], group: str, image_size: int |
     size = path.stat().st_size
     if size != entry["bytes"]:
         report.add(name, f"size {size} != manifest {entry['bytes']} (truncated or replaced)")
-    if _sha256_file(path) != entry["sha256"]:
+    if sha256_file(path) != entry["sha256"]:
         report.add(name, "sha256 differs from the manifest (corrupt)")
     count = 0
     try:

@@ -27,6 +27,16 @@ def _uses_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
 
 
+def use_all_cpu_cores() -> None:
+    """`accelerate launch` sets OMP_NUM_THREADS=1 for every process, which halves CPU training speed on a
+    2-core machine with one process. On CPU, give each local process its share of the cores instead
+    (CDAD_NUM_THREADS overrides)."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    wanted = os.environ.get("CDAD_NUM_THREADS")
+    threads = int(wanted) if wanted else max(1, (os.cpu_count() or 1) // max(1, local_world))
+    torch.set_num_threads(threads)
+
+
 def make_accelerator(
     *,
     mixed_precision: str | None,
@@ -56,6 +66,8 @@ def make_accelerator(
         project_config=ProjectConfiguration(project_dir=project_dir, logging_dir=os.path.join(project_dir, "logs")),
         kwargs_handlers=kwargs_handlers,
     )
+    if not has_cuda:
+        use_all_cpu_cores()
     launched = _launched_world_size()
     if launched > 1 and accelerator.num_processes != launched:
         raise RuntimeError(

@@ -7,7 +7,6 @@ checkpoint or the new one, never a half-written one that `--resume` would pick.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -18,11 +17,13 @@ from typing import Any
 
 import torch
 
+from cdad_dist.atomic import sha256_file, write_json_atomic
 from cdad_dist.errors import CheckpointError
 
 MANIFEST = "MANIFEST.json"
 STATE = "state.json"
 STRATEGY = "strategy.pt"
+SCHEDULER = "scheduler.pt"
 _NAME = re.compile(r"^task(\d{3})-step(\d{7})(-end)?$")
 
 
@@ -42,23 +43,6 @@ def checkpoint_name(task: int, step: int, task_end: bool) -> str:
     return f"task{task:03d}-step{step:07d}{'-end' if task_end else ''}"
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(
     accelerator,
     ckpt_root: Path,
@@ -68,6 +52,7 @@ def save_checkpoint(
     task_end: bool,
     state: dict[str, Any],
     strategy_state: dict[str, Any],
+    scheduler_state: dict[str, Any] | None,
     keep_last: int,
 ) -> Path:
     """Save model/optimizer/scheduler/RNG (via Accelerate), run state and strategy state; all ranks call this."""
@@ -84,6 +69,9 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         torch.save(strategy_state, tmp / STRATEGY)
+        if scheduler_state is not None:
+            # Saved here rather than through Accelerate's custom objects: those accumulate across tasks.
+            torch.save(scheduler_state, tmp / SCHEDULER)
         write_json_atomic(tmp / STATE, state)
         files = {
             str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()
@@ -148,6 +136,11 @@ def latest_checkpoint(ckpt_root: Path, log=print) -> CheckpointRef | None:
 
 def read_state(path: Path) -> dict[str, Any]:
     return json.loads((path / STATE).read_text())
+
+
+def read_scheduler_state(path: Path) -> dict[str, Any] | None:
+    file = path / SCHEDULER
+    return torch.load(file, map_location="cpu", weights_only=False) if file.exists() else None
 
 
 def read_strategy_state(path: Path) -> dict[str, Any]:

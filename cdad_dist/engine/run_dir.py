@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from cdad_dist.config import RunConfig, config_to_dict, dump_config
-from cdad_dist.engine.checkpoint import write_json_atomic
+from cdad_dist.atomic import write_json_atomic
 from cdad_dist.errors import CheckpointError
 
 IDENTITY = "run.json"

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from cdad_dist.config import RunConfig, config_to_dict
+from cdad_dist.continual.capture import make_capture_forward
 from cdad_dist.continual.strategy import build_strategy
 from cdad_dist.data.perturb import NSAPerturber
 from cdad_dist.data.sequences import resolve_sequence
@@ -29,6 +30,7 @@ from cdad_dist.engine.accel import make_accelerator
 from cdad_dist.engine.checkpoint import (
     CheckpointRef,
     latest_checkpoint,
+    read_scheduler_state,
     read_state,
     read_strategy_state,
     save_checkpoint,
@@ -38,7 +40,6 @@ from cdad_dist.engine.run_dir import prepare_run_dir
 from cdad_dist.errors import ConfigError
 from cdad_dist.eval.evaluator import Evaluator
 from cdad_dist.eval.matrix import AccuracyMatrix
-from cdad_dist.eval.reconstruct import reconstruct
 from cdad_dist.models.presets import build_model, resolve_config
 
 
@@ -56,9 +57,12 @@ def task_slice(spec: str | None, n_tasks: int) -> range:
     if spec is None:
         return range(n_tasks)
     try:
-        lo, _, hi = spec.partition(":")
+        lo, colon, hi = spec.partition(":")
         start = int(lo) if lo else 0
-        stop = int(hi) if hi else (start + 1 if not _ else n_tasks)
+        if hi:
+            stop = int(hi)
+        else:  # "2" is task 2 alone, "2:" runs to the end
+            stop = n_tasks if colon else start + 1
     except ValueError:
         raise ConfigError(f"tasks={spec!r}: expected START:STOP, e.g. 1:3") from None
     if not 0 <= start < stop <= n_tasks:
@@ -112,6 +116,7 @@ class ContinualTrainer:
         self.image_size = resolve_config(cfg.model).image_size
         self.evaluator = Evaluator(cfg.eval, cfg.data, self.image_size, acc, self.run_dir)
         self.global_step = 0
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         self.resume_from: CheckpointRef | None = latest_checkpoint(self.ckpt_root, self.log) if resume else None
         self.position = self._restore(self.resume_from) if self.resume_from else Position()
 
@@ -160,10 +165,9 @@ class ContinualTrainer:
         self.log(f"task {t}: classes {classes}, {steps} steps" + (f" (from step {start_step})" if start_step else ""))
 
         self.strategy.begin_task(t, self.model, acc)
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            trainable, lr=cfg.train.lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay
-        )
+        param_groups = self.strategy.optimizer_param_groups(self.model, cfg.train.weight_decay)
+        trainable = [p for group in param_groups for p in group["params"]]
+        optimizer = torch.optim.AdamW(param_groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas))
         # Not prepared by Accelerate on purpose: its scheduler wrapper steps once per process, which would make
         # the warm-up length depend on the number of ranks.
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -171,14 +175,20 @@ class ContinualTrainer:
         )
         acc.free_memory()
         ddp_model, optimizer = acc.prepare(self.model, optimizer)
-        acc.register_for_checkpointing(scheduler)
+        self.scheduler = scheduler
         if resuming_here:
             acc.load_state(str(self.resume_from.path))
+            scheduler_state = read_scheduler_state(self.resume_from.path)
+            if scheduler_state is not None:
+                scheduler.load_state_dict(scheduler_state)
 
         if not (resuming_here and self.position.task_done):
             self.train_task(t, ddp_model, optimizer, scheduler, trainable, steps, start_step)
             self.save(t, steps, task_end=False, training_done=True)
-        self.strategy.end_task(t, self.model, self.capture_batches(classes), self.capture_forward, acc)
+        capture_forward = make_capture_forward(
+            self.model, cfg.continual.capture, cfg.eval.reconstruction, acc.process_index, acc.device
+        )
+        self.strategy.end_task(t, self.model, self.capture_batches(classes), capture_forward, acc)
         for cls, metrics in self.evaluator.evaluate(self.model, self.seen_classes(t), after_task=t).items():
             for metric, value in metrics.items():
                 self.matrix.record(metric, t, cls, value)
@@ -282,16 +292,6 @@ class ContinualTrainer:
             seed=cap.seed,
         )
 
-    def capture_forward(self, batch: dict) -> None:
-        """The forward passes whose protected-layer inputs define the bases (default: the DDIM trajectory)."""
-        image = batch["image"].to(self.accelerator.device)
-        cap = self.cfg.continual.capture
-        with torch.inference_mode():
-            if cap.mode == "trajectory":
-                reconstruct(self.model, image, self.cfg.eval.reconstruction)
-            else:  # random training timesteps, as in training but without perturbation
-                self.model(image, image, generator=torch.Generator().manual_seed(cap.seed))
-
     # ------------------------------------------------------------------ bookkeeping
     def save(self, t: int, step: int, *, task_end: bool, training_done: bool = False) -> None:
         state = {
@@ -312,6 +312,7 @@ class ContinualTrainer:
             task_end=task_end,
             state=state,
             strategy_state=self.strategy.state_dict(),
+            scheduler_state=self.scheduler.state_dict() if self.scheduler is not None else None,
             keep_last=self.cfg.train.keep_last,
         )
 
@@ -347,4 +348,3 @@ def train(cfg: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     return ContinualTrainer(cfg, resume=resume).run()
 
 
-__all__ = ["ContinualTrainer", "train", "task_slice", "Position", "Path"]

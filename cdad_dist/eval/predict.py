@@ -1,0 +1,381 @@
+"""`cdad predict`: anomaly maps and scores for arbitrary images with a trained run.
+
+    predict(run_dir, [images or folders], out_dir, task="latest", threshold=None)
+
+1. ``load_run``: the run's ``config.yaml`` and the weights of a task-end checkpoint (``latest`` = the newest task
+   end), built with ``build_model(cfg.model)``; the checkpoint's ``model.safetensors`` is checked against its
+   manifest checksum first, so a damaged file is an error and not silent garbage.
+2. Inputs: files as given, folders scanned recursively for png/jpg/jpeg/bmp/tif/tiff (any case), sorted.
+   Images are read with ``read_rgb`` and resized (INTER_AREA, as the shards and the stream do) to the model's size.
+   An unreadable image is reported on stderr and in the outputs (``error`` field) and skipped.
+3. ``score_batch`` — the evaluator's three calls (``reconstruct`` with ``cfg.eval.reconstruction``,
+   ``vae_roundtrip``, ``anomaly_maps`` with ``cfg.eval.anomaly_map``) in one function, shared with
+   ``cdad bench inference``. Noise comes from a CPU generator seeded by (reconstruction seed, batch index): the
+   same inputs always give the same scores, on any device.
+4. Outputs in ``out_dir``: ``scores.csv`` and ``scores.json`` (path, score, decision, map file, error) and one PNG
+   per image under ``maps/`` (input | heat-map overlay with a colour bar; the threshold drawn as a contour).
+
+Decision: ``anomalous = score > threshold``. The threshold is ``threshold`` when given; otherwise, when
+``calibration_images`` (normal images, e.g. a validation folder of good parts) are given, it is
+``calibrate_threshold``'s ``quantile`` of their scores (default 0.99: about 1 % of normal images flagged);
+otherwise there is no decision (the ``anomalous`` field is empty/null).
+
+Colour scale of the heat maps: shared by every image of one call, from the smallest to the largest map value
+(widened to include the threshold), so a normal image does not look hot merely because its own maximum fills the
+scale. The maps are therefore kept in memory (float16, model size) until the call ends: about 8 KB per image at
+64 px, 128 KB at 256 px.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import cv2
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from safetensors.torch import load_file
+
+from cdad_dist.atomic import sha256_file, write_json_atomic
+from cdad_dist.config import EvalConfig, RunConfig, load_config
+from cdad_dist.data.images import read_rgb
+from cdad_dist.engine.checkpoint import MANIFEST, CheckpointRef, list_checkpoints
+from cdad_dist.errors import CdadError, CheckpointError
+from cdad_dist.eval.anomaly_map import anomaly_maps, extractor_from_config
+from cdad_dist.eval.reconstruct import reconstruct, vae_roundtrip
+from cdad_dist.models.presets import build_model, resolve_config
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+WEIGHTS = "model.safetensors"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the run
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class LoadedRun:
+    """A trained model ready to score images: its config, checkpoint, feature extractor and device."""
+
+    run_dir: Path
+    cfg: RunConfig
+    checkpoint: CheckpointRef
+    model: torch.nn.Module
+    extractor: torch.nn.Module
+    image_size: int
+    device: torch.device
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def select_task_end(run_dir: str | Path, task: str | int = "latest") -> CheckpointRef:
+    """The task-end checkpoint of ``task`` ("latest" = the newest one); CheckpointError naming the run otherwise."""
+    run_dir = Path(run_dir)
+    ends = [ref for ref in list_checkpoints(run_dir / "checkpoints") if ref.task_end]
+    if not ends:
+        raise CheckpointError(f"{run_dir}: no task-end checkpoint in {run_dir / 'checkpoints'} "
+                              "(has the run finished its first task?)")
+    if str(task) == "latest":
+        return ends[-1]
+    try:
+        index = int(task)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{run_dir}: --task must be 'latest' or a task index, got {task!r}") from None
+    matches = [ref for ref in ends if ref.task == index]
+    if not matches:
+        raise CheckpointError(f"{run_dir}: no task-end checkpoint for task {index}; "
+                              f"finished tasks: {sorted({ref.task for ref in ends})}")
+    return matches[-1]
+
+
+def _verify_weights(ref: CheckpointRef) -> Path:
+    """Check only the weights file against the manifest (hashing optimizer states would cost time for nothing)."""
+    weights = ref.path / WEIGHTS
+    try:
+        expected = json.loads((ref.path / MANIFEST).read_text())["files"][WEIGHTS]
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{ref.path}: cannot read the checksum of {WEIGHTS} from {MANIFEST} ({err!r})") from None
+    if not weights.is_file():
+        raise CheckpointError(f"{ref.path}: {WEIGHTS} is missing")
+    if sha256_file(weights) != expected:
+        raise CheckpointError(f"{weights}: does not match its checksum in {MANIFEST} (damaged file)")
+    return weights
+
+
+def load_run(run_dir: str | Path, task: str | int = "latest", device: str | torch.device | None = None) -> LoadedRun:
+    """Config + task-end weights of a run, in eval mode on ``device`` (default: cuda when available)."""
+    run_dir = Path(run_dir)
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise CheckpointError(f"{run_dir}: not a cdad-dist run directory (no config.yaml)")
+    cfg = load_config(config_file)
+    ref = select_task_end(run_dir, task)
+    weights = _verify_weights(ref)
+    device = torch.device(device) if device is not None else default_device()
+    model = build_model(cfg.model)
+    try:
+        model.load_state_dict(load_file(str(weights)), strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{weights}: does not fit the model of {config_file}: {err}") from None
+    model.to(device).eval()
+    extractor = extractor_from_config(cfg.eval.anomaly_map, device=device)
+    return LoadedRun(run_dir, cfg, ref, model, extractor, resolve_config(cfg.model).image_size, device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# scoring (shared with `cdad bench inference`)
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class ScoredBatch:
+    x_hat: torch.Tensor      # B×3×H×W reconstruction
+    maps: torch.Tensor       # B×1×H×W anomaly maps
+    scores: torch.Tensor     # B image scores
+    recon_s: float           # wall time of the reconstruction (encode, AMN, U-Net calls, decode)
+    map_s: float             # wall time of the first-stage round trip and the anomaly maps
+
+
+def batch_generator(seed: int, index: int) -> torch.Generator:
+    """Noise of batch ``index``: a CPU generator, so the same seed gives the same noise on any device."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + index)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def score_batch(model, extractor, x: torch.Tensor, eval_cfg: EvalConfig, generator: torch.Generator) -> ScoredBatch:
+    """What the evaluator does per batch: x̂ = reconstruct(x), maps of φ(D(E(x))) vs φ(x̂), image scores.
+
+    Both stages are timed with ``perf_counter`` (synchronising CUDA first) so benchmarks use this very function.
+    """
+    _sync(x.device)
+    t0 = time.perf_counter()
+    x_hat = reconstruct(model, x, eval_cfg.reconstruction, generator=generator)
+    _sync(x.device)
+    t1 = time.perf_counter()
+    x_ref = vae_roundtrip(model, x)
+    maps, scores = anomaly_maps(extractor, x_ref.float(), x_hat.float(), eval_cfg.anomaly_map)
+    _sync(x.device)
+    t2 = time.perf_counter()
+    return ScoredBatch(x_hat, maps, scores, t1 - t0, t2 - t1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# inputs
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class InputImage:
+    path: Path
+    name: str  # output name of the heat map, relative to maps/ (unique within a call)
+
+
+def collect_images(inputs: Iterable[str | Path]) -> list[InputImage]:
+    """Files as given; folders scanned recursively for image suffixes (case-insensitive), sorted.
+
+    Heat-map names keep a folder's inner layout under the folder's own name (``test/scratch/000.png``), so
+    same-named files of different folders do not collide; remaining clashes get ``-2``, ``-3``, ...
+    A path that does not exist is kept: reading it fails and it is reported like any unreadable image.
+    """
+    found: list[tuple[Path, str]] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found += [(p, (Path(item.resolve().name) / p.relative_to(item)).as_posix()) for p in files]
+        else:
+            found.append((item, item.name))
+    taken: set[str] = set()
+    images = []
+    for path, rel in found:
+        stem = rel.rsplit(".", 1)[0] if "." in Path(rel).name else rel
+        name, n = f"{stem}.png", 1
+        while name in taken:
+            n += 1
+            name = f"{stem}-{n}.png"
+        taken.add(name)
+        images.append(InputImage(path, name))
+    return images
+
+
+def load_image(path: str | Path, size: int) -> torch.Tensor:
+    """3×size×size float in [0, 1]; INTER_AREA like the shard writer and the stream, so predict sees what eval saw."""
+    rgb = read_rgb(path)
+    if rgb.shape[:2] != (size, size):
+        rgb = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255.0)
+
+
+def _read_all(images: Sequence[InputImage], size: int, errors: dict[int, str]) -> list[tuple[int, torch.Tensor]]:
+    """Readable images with their index; the others get an entry in ``errors`` and a line on stderr."""
+    readable = []
+    for i, item in enumerate(images):
+        try:
+            readable.append((i, load_image(item.path, size)))
+        except (CdadError, cv2.error) as err:
+            errors[i] = str(err)
+            print(f"skipping unreadable image: {err}", file=sys.stderr)
+    return readable
+
+
+def _score_images(run: LoadedRun, tensors: list[torch.Tensor], batch_size: int | None = None):
+    """Yield (start, ScoredBatch) for the images in fixed-size batches, noise seeded per batch index."""
+    bs = batch_size or run.cfg.eval.batch_size
+    seed = run.cfg.eval.reconstruction.seed
+    for index, start in enumerate(range(0, len(tensors), bs)):
+        x = torch.stack(tensors[start:start + bs]).to(run.device)
+        yield start, score_batch(run.model, run.extractor, x, run.cfg.eval, batch_generator(seed, index))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# threshold
+# ----------------------------------------------------------------------------------------------------------------
+def calibrate_threshold(run: LoadedRun | str | Path, normal_images: Iterable[str | Path], quantile: float = 0.99,
+                        *, task: str | int = "latest", batch_size: int | None = None) -> float:
+    """The ``quantile`` of the image scores of normal images (files or folders): scores above it are anomalous.
+
+    ``run`` is a loaded run or a run directory (then ``task`` picks the checkpoint). Unreadable images are
+    reported and skipped; with no readable image at all it is an error.
+    """
+    if not 0.0 < quantile <= 1.0:
+        raise CdadError(f"calibration quantile must be in (0, 1], got {quantile}")
+    run = run if isinstance(run, LoadedRun) else load_run(run, task)
+    images = collect_images(normal_images)
+    readable = _read_all(images, run.image_size, {})
+    if not readable:
+        raise CdadError(f"threshold calibration: none of the {len(images)} normal image(s) could be read")
+    scores = torch.cat([b.scores.float().cpu() for _, b in _score_images(run, [t for _, t in readable], batch_size)])
+    return float(np.quantile(scores.numpy().astype(np.float64), quantile))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# outputs
+# ----------------------------------------------------------------------------------------------------------------
+def save_overlay(path: Path, image: np.ndarray, amap: np.ndarray, title: str, scale: tuple[float, float],
+                 threshold: float | None = None) -> Path:
+    """Input | input with the map in `jet` over it (colour bar in score units, threshold as a white contour)."""
+    # A fixed layout: matplotlib's constrained layout would cost more than the rest of predict per image.
+    fig = Figure(figsize=(6.4, 3.3), dpi=100)
+    fig.subplots_adjust(left=0.02, right=0.9, bottom=0.04, top=0.8, wspace=0.05)
+    ax_in, ax_map = fig.subplots(1, 2)
+    ax_in.imshow(image)
+    ax_in.set_title("input", fontsize=8)
+    ax_map.imshow(image)
+    lo, hi = scale
+    im = ax_map.imshow(amap, cmap="jet", alpha=0.5, vmin=lo, vmax=hi if hi > lo else lo + 1e-12)
+    if threshold is not None and float(amap.min()) < threshold < float(amap.max()):
+        ax_map.contour(amap, levels=[threshold], colors="white", linewidths=1.0)
+    ax_map.set_title("anomaly map" + ("" if threshold is None else " (white line: threshold)"), fontsize=8)
+    for ax in (ax_in, ax_map):
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(im, cax=fig.add_axes((0.92, 0.1, 0.02, 0.64)), label="anomaly score")
+    fig.suptitle(title, fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig).print_png(str(path))
+    return path
+
+
+def _color_scale(maps: Iterable[np.ndarray], threshold: float | None) -> tuple[float, float]:
+    """(min, max) over every map of the call, widened to include the threshold."""
+    values = [v for m in maps for v in (float(m.min()), float(m.max()))]
+    values += [threshold] if threshold is not None else []
+    return (min(values), max(values)) if values else (0.0, 1.0)
+
+
+def _decision(score: float | None, threshold: float | None) -> bool | None:
+    return None if score is None or threshold is None else bool(score > threshold)
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "score", "anomalous", "map", "error"])
+        for r in rows:
+            decision = "" if r["anomalous"] is None else str(r["anomalous"]).lower()
+            score = "" if r["score"] is None else f"{r['score']:.6g}"
+            writer.writerow([r["path"], score, decision, r["map"] or "", r["error"] or ""])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# predict
+# ----------------------------------------------------------------------------------------------------------------
+def predict(run_dir: str | Path | LoadedRun, inputs: Sequence[str | Path], out_dir: str | Path, *, task: str | int = "latest",
+            threshold: float | None = None, calibration_images: Sequence[str | Path] | None = None,
+            quantile: float = 0.99, device: str | torch.device | None = None, batch_size: int | None = None,
+            log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Score images with a trained run; writes ``scores.csv``, ``scores.json`` and ``maps/*.png`` in ``out_dir``.
+
+    ``run_dir`` may also be a ``LoadedRun`` (then ``task`` and ``device`` are ignored), to score several
+    folders without loading the model again. Returns the content of ``scores.json``. Raises CdadError when no
+    input image is found or none can be read (after writing the outputs that say why).
+    """
+    images = collect_images(inputs)
+    if not images:
+        raise CdadError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) found in {[str(p) for p in inputs]}")
+    run = run_dir if isinstance(run_dir, LoadedRun) else load_run(run_dir, task, device)
+    source = "given" if threshold is not None else None
+    if threshold is None and calibration_images:
+        threshold = calibrate_threshold(run, calibration_images, quantile, batch_size=batch_size)
+        source = f"calibrated: quantile {quantile} of normal image scores"
+        log(f"calibrated threshold {threshold:.6g} ({source})")
+    errors: dict[int, str] = {}
+    readable = _read_all(images, run.image_size, errors)
+    scores: dict[int, float] = {}
+    maps: dict[int, np.ndarray] = {}
+    for start, scored in _score_images(run, [t for _, t in readable], batch_size):
+        for j in range(scored.scores.shape[0]):
+            i = readable[start + j][0]
+            scores[i] = float(scored.scores[j])
+            maps[i] = scored.maps[j, 0].float().cpu().numpy().astype(np.float16)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scale = _color_scale(maps.values(), threshold)
+    inputs_by_index = dict(readable)
+    rows = []
+    for i, item in enumerate(images):
+        score = scores.get(i)
+        map_file = None
+        if score is not None:
+            decision = _decision(score, threshold)
+            verdict = "" if decision is None else (" anomalous" if decision else " normal")
+            title = f"{item.path.parent.name}/{item.path.name}: score {score:.4g}{verdict}"
+            image = inputs_by_index[i].permute(1, 2, 0).numpy()
+            save_overlay(out_dir / "maps" / item.name, image, maps[i].astype(np.float32), title, scale, threshold)
+            map_file = f"maps/{item.name}"
+        rows.append({"path": str(item.path), "score": score, "anomalous": _decision(score, threshold),
+                     "map": map_file, "error": errors.get(i)})
+    result = {
+        "run": str(run.run_dir), "checkpoint": run.checkpoint.path.name, "task": run.checkpoint.task,
+        "image_size": run.image_size, "reconstruction": asdict(run.cfg.eval.reconstruction),
+        "threshold": threshold, "threshold_source": source, "map_color_scale": list(scale),
+        "n_images": len(images), "n_scored": len(scores), "n_errors": len(errors), "results": rows,
+    }
+    _write_csv(out_dir / "scores.csv", rows)
+    write_json_atomic(out_dir / "scores.json", _json_safe(result), sort_keys=False)
+    n_bad = sum(bool(r["anomalous"]) for r in rows)
+    log(f"{len(scores)} image(s) scored with {run.checkpoint.path.name}"
+        + (f", {n_bad} anomalous at threshold {threshold:.6g}" if threshold is not None else "")
+        + (f", {len(errors)} unreadable (skipped)" if errors else "") + f" -> {out_dir}")
+    if not scores:
+        raise CdadError(f"none of the {len(images)} input image(s) could be read; see {out_dir / 'scores.json'}")
+    return result
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN/inf are not JSON: written as null (a NaN score would come from a broken model, not from the input)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    return obj

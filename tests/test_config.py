@@ -1,0 +1,75 @@
+"""Typed config loading: defaults, YAML, overrides, and errors that name the key."""
+from __future__ import annotations
+
+import pytest
+
+from cdad_dist.config import DEFAULT_CONFIG, apply_overrides, config_to_dict, load_config
+from cdad_dist.engine.trainer import task_slice
+from cdad_dist.errors import ConfigError
+
+
+def test_default_config_is_the_demo():
+    cfg = load_config()
+    assert DEFAULT_CONFIG.name == "demo.yaml"
+    assert cfg.name == "demo" and cfg.sequence == "demo-3x2" and cfg.model.preset == "tiny"
+
+
+def test_overrides_parse_yaml_values():
+    cfg = load_config(None, ["train.lr=1e-4", "data.batch_size=3", "sequence=[[demo/carpet], [demo/nut]]",
+                             "eval.max_test_per_class=null", "model.block_out_channels=[8, 16]"])
+    assert cfg.train.lr == pytest.approx(1e-4) and isinstance(cfg.train.lr, float)
+    assert cfg.data.batch_size == 3
+    assert cfg.sequence == [["demo/carpet"], ["demo/nut"]]
+    assert cfg.model.block_out_channels == (8, 16)
+
+
+def test_unknown_key_is_named(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="learning_rate") as err:
+        load_config(path)
+    assert str(path) in str(err.value)
+
+
+def test_unknown_section_is_named():
+    with pytest.raises(ConfigError, match="trian"):
+        load_config(None, ["trian.lr=1"])
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ConfigError, match="data.batch_size"):
+        load_config(None, ["data.batch_size=eight"])
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_config(None, ["train.lr=fast"])
+
+
+def test_nested_module_config_errors_are_named():
+    with pytest.raises(ConfigError, match="continual.strategy"):
+        load_config(None, ["continual.strategy=magic"])
+
+
+def test_missing_config_file_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        apply_overrides({}, ["train.lr"])
+
+
+def test_config_round_trips_through_dict():
+    cfg = load_config(None, ["train.lr=2e-4"])
+    again = load_config(None, [f"train.lr={config_to_dict(cfg)['train']['lr']}"])
+    assert config_to_dict(again) == config_to_dict(cfg)
+
+
+@pytest.mark.parametrize("spec,n,expected", [(None, 3, [0, 1, 2]), ("1:3", 3, [1, 2]), ("2", 3, [2]), ("1:", 3, [1, 2])])
+def test_task_slices(spec, n, expected):
+    assert list(task_slice(spec, n)) == expected
+
+
+@pytest.mark.parametrize("spec", ["3:5", "2:1", "a:b"])
+def test_bad_task_slices(spec):
+    with pytest.raises(ConfigError, match="tasks"):
+        task_slice(spec, 3)

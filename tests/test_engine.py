@@ -1,0 +1,146 @@
+"""The task loop end to end on a micro model: checkpoints, resume = uninterrupted, run-directory guard, 2 processes."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cdad_dist.config import load_config
+from cdad_dist.engine.checkpoint import list_checkpoints, latest_checkpoint, verify_checkpoint
+from cdad_dist.engine.trainer import ContinualTrainer, train
+from cdad_dist.errors import CheckpointError
+from dist_utils import free_port
+from engine_utils import make_small_demo, micro_overrides
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory) -> Path:
+    return make_small_demo(tmp_path_factory.mktemp("demo") / "demo_data")
+
+
+def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    last = list_checkpoints(run_dir / "checkpoints")[-1]
+    return load_file(str(last.path / "model.safetensors"))
+
+
+def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def test_two_task_run_writes_checkpoints_report_and_matrix(tmp_path, demo_root):
+    cfg = load_config(None, micro_overrides(tmp_path, demo_root))
+    matrix = train(cfg)
+    run_dir = tmp_path / "runs" / "t"
+    refs = list_checkpoints(run_dir / "checkpoints")
+    assert [(r.task, r.task_end) for r in refs if r.task_end] == [(0, True), (1, True)]
+    for ref in refs:
+        verify_checkpoint(ref.path)
+    results = json.loads((run_dir / "report" / "results.json").read_text())
+    assert results["tasks"] == [["demo/carpet"], ["demo/bottle"]]
+    image_auroc = matrix["values"]["image_auroc"]
+    assert set(image_auroc) == {"0", "1"} and set(image_auroc["1"]) == {"demo/carpet", "demo/bottle"}
+    assert (run_dir / "report" / "results.md").read_text().strip()
+    assert list((run_dir / "report" / "heatmaps").glob("*.png"))
+    strategy_state = torch.load(refs[-1].path / "strategy.pt", weights_only=False)
+    assert strategy_state  # the CDAD bases travel with the checkpoint
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def test_resume_mid_task_reproduces_uninterrupted_run(tmp_path, demo_root, monkeypatch):
+    extra = ["train.checkpoint_every=2", "continual.strategy=naive"]
+    train(load_config(None, micro_overrides(tmp_path, demo_root, name="full", extra=extra)))
+
+    # The same run, crashing in task 1 right after its mid-task checkpoint at step 2 (of 3).
+    original = ContinualTrainer.train_step
+
+    def crashing_step(self, ddp_model, optimizer, scheduler, trainable, batches, t, step):
+        if t == 1 and step == 2:
+            raise _Crash("simulated crash")
+        return original(self, ddp_model, optimizer, scheduler, trainable, batches, t, step)
+
+    monkeypatch.setattr(ContinualTrainer, "train_step", crashing_step)
+    cut_cfg = load_config(None, micro_overrides(tmp_path, demo_root, name="cut", extra=extra))
+    with pytest.raises(_Crash):
+        train(cut_cfg)
+    monkeypatch.setattr(ContinualTrainer, "train_step", original)
+    ckpts = tmp_path / "runs" / "cut" / "checkpoints"
+    (ckpts / ".tmp-task001-step0000003").mkdir()  # a half-written checkpoint must be ignored
+    assert latest_checkpoint(ckpts).path.name == "task001-step0000002"
+    train(load_config(None, micro_overrides(tmp_path, demo_root, name="cut", extra=extra)), resume=True)
+    _assert_same_weights(_final_weights(tmp_path / "runs" / "full"), _final_weights(tmp_path / "runs" / "cut"))
+
+
+def test_task_slices_continue_from_previous_task(tmp_path, demo_root):
+    extra = ["continual.strategy=cdad"]
+    whole = load_config(None, micro_overrides(tmp_path, demo_root, name="whole", extra=extra))
+    train(whole)
+    first = load_config(None, micro_overrides(tmp_path, demo_root, name="sliced", extra=extra + ["tasks=0:1"]))
+    train(first)
+    second = load_config(None, micro_overrides(tmp_path, demo_root, name="sliced", extra=extra + ["tasks=1:2"]))
+    train(second, resume=True)
+    _assert_same_weights(_final_weights(tmp_path / "runs" / "whole"), _final_weights(tmp_path / "runs" / "sliced"))
+
+
+def test_run_directory_is_never_overwritten(tmp_path, demo_root):
+    cfg = load_config(None, micro_overrides(tmp_path, demo_root, name="guard", extra=["tasks=0:1"]))
+    train(cfg)
+    run_dir = tmp_path / "runs" / "guard"
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    with pytest.raises(CheckpointError, match="already holds a run"):
+        train(load_config(None, micro_overrides(tmp_path, demo_root, name="guard", extra=["tasks=0:1"])))
+    other = micro_overrides(tmp_path, demo_root, name="guard", extra=["model.amn_depth=2"])
+    with pytest.raises(CheckpointError, match="different run"):
+        train(load_config(None, other), resume=True)
+    after = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    assert before == after
+
+
+def test_corrupt_checkpoint_is_skipped_on_resume(tmp_path, demo_root):
+    cfg = load_config(None, micro_overrides(tmp_path, demo_root, name="corrupt", extra=["continual.strategy=naive"]))
+    train(cfg)
+    ckpts = tmp_path / "runs" / "corrupt" / "checkpoints"
+    newest = list_checkpoints(ckpts)[-1]
+    with open(newest.path / "model.safetensors", "r+b") as handle:
+        handle.seek(200)
+        handle.write(b"\x00\x01\x02\x03")
+    messages: list[str] = []
+    picked = latest_checkpoint(ckpts, log=messages.append)
+    assert picked is not None and picked.path != newest.path
+    assert any("checksum" in m for m in messages)
+
+
+@pytest.mark.distributed
+def test_two_process_cpu_launch_trains_and_resumes(tmp_path, demo_root):
+    """`accelerate launch --config_file launch/cpu-2proc.yaml train.py` really runs 2 ranks, and resumes."""
+    overrides = micro_overrides(tmp_path, demo_root, name="ddp", extra=["train.checkpoint_every=2"])
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / "cpu-2proc.yaml"),
+        "--main_process_port", str(free_port()), str(REPO / "train.py"),
+    ]
+    for item in overrides:
+        cmd += ["--set", item]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(cmd + ["--tasks", "0:1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "ddp"
+    assert "resuming from task000" in second.stdout
+    refs = list_checkpoints(run_dir / "checkpoints")
+    assert [r.task for r in refs if r.task_end] == [0, 1]
+    # Both ranks saved their RNG state: the run really had two processes.
+    assert (refs[-1].path / "random_states_1.pkl").exists()
