@@ -80,7 +80,7 @@ class RunConfig:
     name: str = "demo"
     output_dir: str = "runs"
     sequence: str | list[list[str]] = "demo-3x2"
-    tasks: str | None = None  # run a slice of the sequence, e.g. "1:3" (one job per task on clusters)
+    tasks: str | None = None  # run a slice of the sequence, e.g. "1:3" (quote it in YAML files)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -141,7 +141,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: '{part}' is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        value = yaml.safe_load(raw)
+        if isinstance(value, int) and ":" in raw:
+            value = raw  # YAML 1.1 reads `1:3` as a base-60 number; a task slice is meant
+        node[parts[-1]] = value
     return data
 
 

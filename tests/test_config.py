@@ -58,6 +58,10 @@ def test_bad_override_syntax():
         apply_overrides({}, ["train.lr"])
 
 
+def test_task_slice_override_stays_a_string():
+    assert load_config(None, ["tasks=1:2"]).tasks == "1:2"
+
+
 def test_config_round_trips_through_dict():
     cfg = load_config(None, ["train.lr=2e-4"])
     again = load_config(None, [f"train.lr={config_to_dict(cfg)['train']['lr']}"])
