@@ -105,7 +105,10 @@ def _cmd_report(args) -> int:
 def _cmd_predict(args) -> int:
     from cdad_dist.eval.predict import predict
 
-    predict(Path(args.run), [Path(p) for p in args.inputs], Path(args.out), task=args.task, threshold=args.threshold)
+    predict(
+        Path(args.run), [Path(p) for p in args.inputs], Path(args.out), task=args.task, threshold=args.threshold,
+        calibration_images=[Path(p) for p in args.calibrate] if args.calibrate else None, quantile=args.quantile,
+    )
     return 0
 
 
@@ -150,7 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict = sub.add_parser("predict", help="anomaly maps and scores for images with a trained run")
     predict.add_argument("--run", required=True)
     predict.add_argument("--task", default="latest")
-    predict.add_argument("--threshold", type=float, default=None)
+    predict.add_argument("--threshold", type=float, default=None, help="score above which an image is anomalous")
+    predict.add_argument("--calibrate", nargs="+", default=None, metavar="NORMAL_IMAGES",
+                         help="set the threshold from normal images (their --quantile of scores)")
+    predict.add_argument("--quantile", type=float, default=0.99)
     predict.add_argument("--out", required=True)
     predict.add_argument("inputs", nargs="+")
     predict.set_defaults(func=_cmd_predict)

@@ -12,6 +12,7 @@ from cdad_dist.errors import ConfigError
 BENCHMARKS = {
     "isvd": "cdad_dist.bench.isvd",
     "projection": "cdad_dist.bench.projection",
+    "inference": "cdad_dist.bench.inference",
 }
 
 

@@ -36,8 +36,9 @@ def describe_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[st
     return [key for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
 
 
-def prepare_run_dir(cfg: RunConfig, tasks: list[list[str]], *, resume: bool, is_main: bool) -> Path:
-    """Create or check `runs/NAME`. Raises before anything is written when it holds another run."""
+def prepare_run_dir(cfg: RunConfig, tasks: list[list[str]], *, resume: bool, accelerator) -> Path:
+    """Check, then create `runs/NAME`. Every rank checks before any rank writes, so that all ranks take the same
+    decision (raise, or go on); nothing is written when the directory holds another run."""
     run_dir = cfg.run_dir
     identity = run_identity(cfg, tasks)
     identity_file = run_dir / IDENTITY
@@ -56,9 +57,11 @@ def prepare_run_dir(cfg: RunConfig, tasks: list[list[str]], *, resume: bool, is_
             )
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise CheckpointError(f"{run_dir} exists and is not a cdad-dist run directory; choose another name")
-    if is_main:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not identity_file.exists():
             write_json_atomic(identity_file, identity)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
+    accelerator.wait_for_everyone()
     return run_dir

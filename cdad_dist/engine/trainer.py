@@ -104,8 +104,7 @@ class ContinualTrainer:
             self.tasks = [[c for task in sequence.tasks for c in task]]
         else:
             self.tasks = sequence.tasks
-        self.run_dir = prepare_run_dir(cfg, self.tasks, resume=resume, is_main=acc.is_main_process)
-        acc.wait_for_everyone()
+        self.run_dir = prepare_run_dir(cfg, self.tasks, resume=resume, accelerator=acc)
         self.ckpt_root = self.run_dir / "checkpoints"
         acc.init_trackers("tb", config=_flat_hparams(config_to_dict(cfg)))
 

@@ -13,10 +13,10 @@ import torch
 from accelerate.utils import gather_object
 
 from cdad_dist.data.stream import eval_stream
-from cdad_dist.eval.anomaly_map import anomaly_maps, extractor_from_config
+from cdad_dist.eval.anomaly_map import extractor_from_config
 from cdad_dist.eval.metrics import ClassMetricAccumulator
-from cdad_dist.eval.reconstruct import reconstruct, vae_roundtrip
 from cdad_dist.eval.report import save_heatmap_grid, write_report
+from cdad_dist.eval.scoring import score_batch
 
 
 class _Examples:
@@ -85,12 +85,10 @@ class Evaluator:
             x = batch["image"].to(acc.device)
             # Evaluation noise depends on (seed, task, rank, batch) only: re-running an evaluation repeats it.
             generator = torch.Generator().manual_seed(((seed * 1009 + after_task) * 9973 + acc.process_index) * 100_003 + index)
-            x_hat = reconstruct(model, x, self.cfg.reconstruction, generator=generator)
-            x_ref = vae_roundtrip(model, x)
-            maps, scores = anomaly_maps(self.extractor, x_ref.float(), x_hat.float(), self.cfg.anomaly_map)
-            metric.update(scores.cpu(), maps.cpu(), batch["label"], batch["mask"])
+            scored = score_batch(model, self.extractor, x, self.cfg, generator)
+            metric.update(scored.scores.cpu(), scored.maps.cpu(), batch["label"], batch["mask"])
             if acc.is_main_process:
-                examples.add(batch, x_hat, maps, scores)
+                examples.add(batch, scored.x_hat, scored.maps, scored.scores)
         return metric.state_tensors(), examples
 
     def write_report(self, matrix, tasks: list[list[str]], extra: dict[str, Any]) -> dict[str, Path]:

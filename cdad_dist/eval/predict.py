@@ -21,9 +21,9 @@ Decision: ``anomalous = score > threshold``. The threshold is ``threshold`` when
 otherwise there is no decision (the ``anomalous`` field is empty/null).
 
 Colour scale of the heat maps: shared by every image of one call, from the smallest to the largest map value
-(widened to include the threshold), so a normal image does not look hot merely because its own maximum fills the
-scale. The maps are therefore kept in memory (float16, model size) until the call ends: about 8 KB per image at
-64 px, 128 KB at 256 px.
+(the top raised to the threshold if that is higher), so a normal image does not look hot merely because its own
+maximum fills the scale. The maps are therefore kept in memory (float32, model size) until the call ends, 16 KB
+per image at 64 px and 256 KB at 256 px; the images are read again to draw them rather than kept.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -49,7 +49,7 @@ from cdad_dist.data.images import read_rgb
 from cdad_dist.engine.checkpoint import MANIFEST, CheckpointRef, list_checkpoints
 from cdad_dist.errors import CdadError, CheckpointError
 from cdad_dist.eval.anomaly_map import anomaly_maps, extractor_from_config
-from cdad_dist.eval.reconstruct import reconstruct, vae_roundtrip
+from cdad_dist.eval.scoring import ScoredBatch, batch_generator, score_batch
 from cdad_dist.models.presets import build_model, resolve_config
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -102,7 +102,8 @@ def _verify_weights(ref: CheckpointRef) -> Path:
     try:
         expected = json.loads((ref.path / MANIFEST).read_text())["files"][WEIGHTS]
     except (OSError, ValueError, KeyError) as err:
-        raise CheckpointError(f"{ref.path}: cannot read the checksum of {WEIGHTS} from {MANIFEST} ({err!r})") from None
+        raise CheckpointError(f"{ref.path}: cannot read the checksum of {WEIGHTS} from {MANIFEST} ({err!r})") \
+            from None
     if not weights.is_file():
         raise CheckpointError(f"{ref.path}: {WEIGHTS} is missing")
     if sha256_file(weights) != expected:
@@ -133,43 +134,6 @@ def load_run(run_dir: str | Path, task: str | int = "latest", device: str | torc
 # ----------------------------------------------------------------------------------------------------------------
 # scoring (shared with `cdad bench inference`)
 # ----------------------------------------------------------------------------------------------------------------
-@dataclass
-class ScoredBatch:
-    x_hat: torch.Tensor      # B×3×H×W reconstruction
-    maps: torch.Tensor       # B×1×H×W anomaly maps
-    scores: torch.Tensor     # B image scores
-    recon_s: float           # wall time of the reconstruction (encode, AMN, U-Net calls, decode)
-    map_s: float             # wall time of the first-stage round trip and the anomaly maps
-
-
-def batch_generator(seed: int, index: int) -> torch.Generator:
-    """Noise of batch ``index``: a CPU generator, so the same seed gives the same noise on any device."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + index)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.inference_mode()
-def score_batch(model, extractor, x: torch.Tensor, eval_cfg: EvalConfig, generator: torch.Generator) -> ScoredBatch:
-    """What the evaluator does per batch: x̂ = reconstruct(x), maps of φ(D(E(x))) vs φ(x̂), image scores.
-
-    Both stages are timed with ``perf_counter`` (synchronising CUDA first) so benchmarks use this very function.
-    """
-    _sync(x.device)
-    t0 = time.perf_counter()
-    x_hat = reconstruct(model, x, eval_cfg.reconstruction, generator=generator)
-    _sync(x.device)
-    t1 = time.perf_counter()
-    x_ref = vae_roundtrip(model, x)
-    maps, scores = anomaly_maps(extractor, x_ref.float(), x_hat.float(), eval_cfg.anomaly_map)
-    _sync(x.device)
-    t2 = time.perf_counter()
-    return ScoredBatch(x_hat, maps, scores, t1 - t0, t2 - t1)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # inputs
 # ----------------------------------------------------------------------------------------------------------------
@@ -207,32 +171,40 @@ def collect_images(inputs: Iterable[str | Path]) -> list[InputImage]:
 
 
 def load_image(path: str | Path, size: int) -> torch.Tensor:
-    """3×size×size float in [0, 1]; INTER_AREA like the shard writer and the stream, so predict sees what eval saw."""
+    """3×size×size float in [0, 1], resized with INTER_AREA like the shard writer and the stream do."""
     rgb = read_rgb(path)
     if rgb.shape[:2] != (size, size):
         rgb = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
     return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255.0)
 
 
-def _read_all(images: Sequence[InputImage], size: int, errors: dict[int, str]) -> list[tuple[int, torch.Tensor]]:
-    """Readable images with their index; the others get an entry in ``errors`` and a line on stderr."""
-    readable = []
+def _readable_batches(images: Sequence[InputImage], size: int, batch_size: int,
+                      errors: dict[int, str]) -> Iterator[list[tuple[int, torch.Tensor]]]:
+    """Batches of (index, image) of the readable images, read lazily (a big folder never sits in memory);
+    an unreadable one gets an entry in ``errors`` and a line on stderr."""
+    chunk: list[tuple[int, torch.Tensor]] = []
     for i, item in enumerate(images):
         try:
-            readable.append((i, load_image(item.path, size)))
+            chunk.append((i, load_image(item.path, size)))
         except (CdadError, cv2.error) as err:
             errors[i] = str(err)
             print(f"skipping unreadable image: {err}", file=sys.stderr)
-    return readable
+        if len(chunk) == batch_size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
-def _score_images(run: LoadedRun, tensors: list[torch.Tensor], batch_size: int | None = None):
-    """Yield (start, ScoredBatch) for the images in fixed-size batches, noise seeded per batch index."""
-    bs = batch_size or run.cfg.eval.batch_size
+def _score_images(run: LoadedRun, images: Sequence[InputImage], errors: dict[int, str],
+                  batch_size: int | None = None) -> Iterator[tuple[list[int], ScoredBatch]]:
+    """(indices, ScoredBatch) per batch of readable images; the noise is seeded by the batch index."""
     seed = run.cfg.eval.reconstruction.seed
-    for index, start in enumerate(range(0, len(tensors), bs)):
-        x = torch.stack(tensors[start:start + bs]).to(run.device)
-        yield start, score_batch(run.model, run.extractor, x, run.cfg.eval, batch_generator(seed, index))
+    batches = _readable_batches(images, run.image_size, batch_size or run.cfg.eval.batch_size, errors)
+    for index, chunk in enumerate(batches):
+        x = torch.stack([t for _, t in chunk]).to(run.device)
+        scored = score_batch(run.model, run.extractor, x, run.cfg.eval, batch_generator(seed, index))
+        yield [i for i, _ in chunk], scored
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -249,11 +221,11 @@ def calibrate_threshold(run: LoadedRun | str | Path, normal_images: Iterable[str
         raise CdadError(f"calibration quantile must be in (0, 1], got {quantile}")
     run = run if isinstance(run, LoadedRun) else load_run(run, task)
     images = collect_images(normal_images)
-    readable = _read_all(images, run.image_size, {})
-    if not readable:
-        raise CdadError(f"threshold calibration: none of the {len(images)} normal image(s) could be read")
-    scores = torch.cat([b.scores.float().cpu() for _, b in _score_images(run, [t for _, t in readable], batch_size)])
-    return float(np.quantile(scores.numpy().astype(np.float64), quantile))
+    scores = [float(v) for _, b in _score_images(run, images, {}, batch_size) for v in b.scores.float().cpu()]
+    if not scores:
+        raise CdadError(f"threshold calibration: none of the {len(images)} normal image(s) could be read "
+                        f"(inputs: {[str(p) for p in normal_images]})")
+    return float(np.quantile(np.asarray(scores, dtype=np.float64), quantile))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -285,10 +257,13 @@ def save_overlay(path: Path, image: np.ndarray, amap: np.ndarray, title: str, sc
 
 
 def _color_scale(maps: Iterable[np.ndarray], threshold: float | None) -> tuple[float, float]:
-    """(min, max) over every map of the call, widened to include the threshold."""
+    """(min, max) over every map of the call; the top raised to the threshold when every map stays below it, so a
+    batch of normal images is not painted red."""
     values = [v for m in maps for v in (float(m.min()), float(m.max()))]
-    values += [threshold] if threshold is not None else []
-    return (min(values), max(values)) if values else (0.0, 1.0)
+    if not values:
+        return (0.0, 1.0)
+    lo, hi = min(values), max(values)
+    return (lo, max(hi, threshold) if threshold is not None else hi)
 
 
 def _decision(score: float | None, threshold: float | None) -> bool | None:
@@ -305,12 +280,34 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
             writer.writerow([r["path"], score, decision, r["map"] or "", r["error"] or ""])
 
 
+def _draw_maps(run: LoadedRun, images: Sequence[InputImage], scores: dict[int, float], maps: dict[int, np.ndarray],
+               threshold: float | None, scale: tuple[float, float], out_dir: Path,
+               errors: dict[int, str]) -> dict[int, str]:
+    """One overlay PNG per scored image (each image read again, see the module doc); {index: relative path}."""
+    files = {}
+    for i, score in sorted(scores.items()):
+        item = images[i]
+        try:
+            image = load_image(item.path, run.image_size).permute(1, 2, 0).numpy()
+        except (CdadError, cv2.error) as err:  # changed on disk since it was scored
+            errors[i] = f"scored, but unreadable when drawing its heat map: {err}"
+            print(f"no heat map: {err}", file=sys.stderr)
+            continue
+        decision = _decision(score, threshold)
+        verdict = "" if decision is None else (" anomalous" if decision else " normal")
+        title = f"{item.path.parent.name}/{item.path.name}: score {score:.4g}{verdict}"
+        save_overlay(out_dir / "maps" / item.name, image, maps[i], title, scale, threshold)
+        files[i] = f"maps/{item.name}"
+    return files
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # predict
 # ----------------------------------------------------------------------------------------------------------------
-def predict(run_dir: str | Path | LoadedRun, inputs: Sequence[str | Path], out_dir: str | Path, *, task: str | int = "latest",
-            threshold: float | None = None, calibration_images: Sequence[str | Path] | None = None,
-            quantile: float = 0.99, device: str | torch.device | None = None, batch_size: int | None = None,
+def predict(run_dir: str | Path | LoadedRun, inputs: Sequence[str | Path], out_dir: str | Path, *,
+            task: str | int = "latest", threshold: float | None = None,
+            calibration_images: Sequence[str | Path] | None = None, quantile: float = 0.99,
+            device: str | torch.device | None = None, batch_size: int | None = None,
             log: Callable[[str], None] = print) -> dict[str, Any]:
     """Score images with a trained run; writes ``scores.csv``, ``scores.json`` and ``maps/*.png`` in ``out_dir``.
 
@@ -328,31 +325,18 @@ def predict(run_dir: str | Path | LoadedRun, inputs: Sequence[str | Path], out_d
         source = f"calibrated: quantile {quantile} of normal image scores"
         log(f"calibrated threshold {threshold:.6g} ({source})")
     errors: dict[int, str] = {}
-    readable = _read_all(images, run.image_size, errors)
     scores: dict[int, float] = {}
     maps: dict[int, np.ndarray] = {}
-    for start, scored in _score_images(run, [t for _, t in readable], batch_size):
-        for j in range(scored.scores.shape[0]):
-            i = readable[start + j][0]
+    for indices, scored in _score_images(run, images, errors, batch_size):
+        for j, i in enumerate(indices):
             scores[i] = float(scored.scores[j])
-            maps[i] = scored.maps[j, 0].float().cpu().numpy().astype(np.float16)
+            maps[i] = scored.maps[j, 0].float().cpu().numpy()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     scale = _color_scale(maps.values(), threshold)
-    inputs_by_index = dict(readable)
-    rows = []
-    for i, item in enumerate(images):
-        score = scores.get(i)
-        map_file = None
-        if score is not None:
-            decision = _decision(score, threshold)
-            verdict = "" if decision is None else (" anomalous" if decision else " normal")
-            title = f"{item.path.parent.name}/{item.path.name}: score {score:.4g}{verdict}"
-            image = inputs_by_index[i].permute(1, 2, 0).numpy()
-            save_overlay(out_dir / "maps" / item.name, image, maps[i].astype(np.float32), title, scale, threshold)
-            map_file = f"maps/{item.name}"
-        rows.append({"path": str(item.path), "score": score, "anomalous": _decision(score, threshold),
-                     "map": map_file, "error": errors.get(i)})
+    map_files = _draw_maps(run, images, scores, maps, threshold, scale, out_dir, errors)
+    rows = [{"path": str(item.path), "score": scores.get(i), "anomalous": _decision(scores.get(i), threshold),
+             "map": map_files.get(i), "error": errors.get(i)} for i, item in enumerate(images)]
     result = {
         "run": str(run.run_dir), "checkpoint": run.checkpoint.path.name, "task": run.checkpoint.task,
         "image_size": run.image_size, "reconstruction": asdict(run.cfg.eval.reconstruction),

@@ -1,0 +1,126 @@
+"""`cdad bench inference`'s measuring function on a micro model, and its ratio arithmetic on known times."""
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+import torch
+
+import cdad_dist.bench.inference as bench
+from cdad_dist.config import EvalConfig, load_config
+from cdad_dist.eval.anomaly_map import AnomalyMapConfig, extractor_from_config
+from cdad_dist.eval.scoring import ScoredBatch
+from cdad_dist.eval.reconstruct import ReconstructionConfig
+from cdad_dist.models.presets import ModelConfig, build_model
+
+SIZE = 32
+
+
+def _batches(n_batches: int = 2, device: str = "cpu") -> list[dict]:
+    """Batches of one class each: a normal image and one with a bright square (its mask marks the square)."""
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for i in range(n_batches):
+        x = 0.4 + 0.1 * torch.rand(2, 3, SIZE, SIZE, generator=g)
+        mask = torch.zeros(2, 1, SIZE, SIZE)
+        mask[1, :, 8:16, 10:18] = 1.0
+        x[1] = torch.where(mask[1].bool(), torch.ones_like(x[1]), x[1])
+        batches.append({"x": x.to(device), "label": torch.tensor([0, 1]), "mask": mask, "cls": f"demo/c{i % 2}"})
+    return batches
+
+
+@pytest.fixture(scope="module")
+def micro():
+    cfg = ModelConfig(preset="tiny", image_size=SIZE, block_out_channels=(32, 32), attention_head_dim=2,
+                      cross_attention_dim=16, context_tokens=4, amn_depth=1, amn_heads=2, amn_neighbour=3,
+                      amn_local_channels=(4, 4, 8, 8, 8, 8, 16))
+    model = build_model(cfg).eval()
+    extractor = extractor_from_config(AnomalyMapConfig())
+    return model, extractor
+
+
+def test_measure_modes_on_a_micro_model(micro):
+    model, extractor = micro
+    eval_cfg = EvalConfig(reconstruction=ReconstructionConfig(start_t=300), anomaly_map=AnomalyMapConfig(sigma=1.0))
+    modes = bench.mode_configs(eval_cfg.reconstruction, ddim_steps=3)
+    assert [m.mode for m in modes.values()] == ["ddim", "one_step", "fused"] and modes["ddim"].steps == 3
+    assert all(m.start_t == 300 for m in modes.values())  # the run's other settings are kept
+    out = bench.measure_modes(model, extractor, _batches(), eval_cfg, modes, repeats=2)
+    assert out["n_images"] == 4 and out["repeats"] == 2 and set(out["modes"]) == {"ddim", "one_step", "fused"}
+    ref = out["modes"]["ddim"]
+    for name, r in out["modes"].items():
+        assert len(r["recon_s_runs"]) == len(r["total_s_runs"]) == 2
+        assert all(0 < a < b for a, b in zip(r["recon_s_runs"], r["total_s_runs"]))
+        batch_times = out["batch_times_s"][name]
+        assert len(batch_times["recon"]) == 2 and all(len(t) == 2 for t in batch_times["recon"])
+        assert r["recon_s_runs"] == pytest.approx([sum(t[i] for t in batch_times["recon"]) for i in range(2)])
+        median_pass = sum(statistics.median(t) for t in batch_times["recon"])
+        assert r["recon_ms_per_image"] == pytest.approx(1e3 * median_pass / 4)
+        median_pass = sum(statistics.median(t) for t in batch_times["total"])
+        assert r["total_ms_per_image"] == pytest.approx(1e3 * median_pass / 4)
+        assert r["speedup_recon"] == pytest.approx(ref["recon_ms_per_image"] / r["recon_ms_per_image"])
+        assert r["speedup_total"] == pytest.approx(ref["total_ms_per_image"] / r["total_ms_per_image"])
+        assert set(r["per_class"]) == {"demo/c0", "demo/c1"}
+        assert 0.0 <= r["image_auroc"] <= 1.0 and 0.0 <= r["pixel_auroc"] <= 1.0
+        assert r["reconstruction"]["mode"] == name
+    assert ref["speedup_recon"] == 1.0
+    # The same seeded noise for every pass: re-measuring gives the same metrics.
+    again = bench.measure_modes(model, extractor, _batches(), eval_cfg, {"ddim": modes["ddim"]}, repeats=1)
+    assert again["modes"]["ddim"]["per_class"] == ref["per_class"]
+
+
+def _fake_score_batch(seconds_per_image: dict[str, float], map_s_per_image: float):
+    """A score_batch whose 'measured' times are known: perfect maps (= the masks), scores = labels."""
+    calls = []
+
+    def fake(model, extractor, x, eval_cfg, generator):
+        b = x.shape[0]
+        calls.append(eval_cfg.reconstruction.mode)
+        maps = torch.zeros(b, 1, SIZE, SIZE)
+        maps[1:, :, 8:16, 10:18] = 1.0
+        maps += 0.01 * torch.rand(maps.shape, generator=generator)
+        return ScoredBatch(x, maps, maps.flatten(1).amax(1), seconds_per_image[eval_cfg.reconstruction.mode] * b,
+                           map_s_per_image * b)
+
+    return fake, calls
+
+
+@pytest.mark.parametrize("one_step_s, met", [(0.001, True), (0.002, False)])
+def test_ratios_are_computed_from_the_measured_times(monkeypatch, one_step_s, met):
+    times = {"ddim": 0.010, "one_step": one_step_s, "fused": 0.004}
+    fake, calls = _fake_score_batch(times, map_s_per_image=0.005)
+    monkeypatch.setattr(bench, "score_batch", fake)
+    modes = bench.mode_configs(ReconstructionConfig(), ddim_steps=10)
+    out = bench.measure_modes(None, None, _batches(3), EvalConfig(), modes, repeats=3)
+    # One warm-up batch per mode, then 3 passes × 3 batches × 3 modes, interleaved in rotating order.
+    assert len(calls) == 3 + 3 * 3 * 3
+    assert calls[3:9] == ["ddim", "one_step", "fused", "one_step", "fused", "ddim"]
+    for name, r in out["modes"].items():
+        assert r["recon_s_runs"] == pytest.approx([6 * times[name]] * 3)
+        assert r["recon_ms_per_image"] == pytest.approx(1e3 * times[name])
+        assert r["speedup_recon"] == pytest.approx(times["ddim"] / times[name])
+        assert r["speedup_total"] == pytest.approx((times["ddim"] + 0.005) / (times[name] + 0.005))
+        assert r["image_auroc"] == 1.0 and r["pixel_auroc"] == pytest.approx(1.0)
+    line = bench.summary_line(out, 10)
+    expected = f"one_step {times['ddim'] / one_step_s:.1f}x faster than ddim-10 in reconstruction"
+    assert line.startswith("inference: ") and expected in line and "fused 2.5x faster" in line
+    target = bench.target_check(out)
+    assert target["met"] is met and target["image_auroc_gap_points"] == 0.0
+    assert math.isclose(target["one_step_speedup"], times["ddim"] / one_step_s)
+
+
+def test_measure_modes_rejects_a_missing_reference():
+    with pytest.raises(ValueError, match="reference mode 'ddim'"):
+        bench.measure_modes(None, None, _batches(1), EvalConfig(), {"one_step": ReconstructionConfig()})
+
+
+def test_training_settings_are_a_valid_config_named_by_their_values(tmp_path):
+    quick = bench.InferenceBenchConfig.quick()
+    overrides = bench._train_overrides(quick, tmp_path)
+    cfg = load_config(bench.DEFAULT_CONFIG, overrides)
+    assert cfg.sequence == [bench.DEMO_TASK0] and cfg.train.base_steps == bench.QUICK_STEPS
+    assert cfg.model.image_size == 32 and cfg.continual.strategy == "naive"
+    assert cfg.run_dir.parent == tmp_path / "runs"
+    other = bench._train_overrides(bench.InferenceBenchConfig(train_steps=10), tmp_path)
+    assert other[-1] != overrides[-1] and bench._train_overrides(quick, tmp_path)[-1] == overrides[-1]
