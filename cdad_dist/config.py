@@ -52,6 +52,8 @@ class TrainConfig:
     base_epochs: float = 0.0  # > 0 overrides base_steps (epochs of the task's training images)
     incremental_epochs: float = 0.0
     lr: float = 3e-4
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = 0.9  # sgd only
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 50

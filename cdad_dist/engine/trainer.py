@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+from accelerate.utils import set_seed
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
@@ -108,7 +109,7 @@ class ContinualTrainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         acc.init_trackers("tb", config=_flat_hparams(config_to_dict(cfg)))
 
-        torch.manual_seed(cfg.train.seed)
+        set_seed(cfg.train.seed)  # python, numpy and torch RNGs on every rank
         self.model = build_model(cfg.model).to(acc.device)
         self.strategy = build_strategy(cfg.continual)
         self.matrix = AccuracyMatrix()
@@ -166,7 +167,10 @@ class ContinualTrainer:
         self.strategy.begin_task(t, self.model, acc)
         param_groups = self.strategy.optimizer_param_groups(self.model, cfg.train.weight_decay)
         trainable = [p for group in param_groups for p in group["params"]]
-        optimizer = torch.optim.AdamW(param_groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas))
+        if cfg.train.optimizer == "sgd":  # GPM's guarantee for `project: grad` assumes SGD
+            optimizer = torch.optim.SGD(param_groups, lr=cfg.train.lr, momentum=cfg.train.momentum)
+        else:
+            optimizer = torch.optim.AdamW(param_groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas))
         # Not prepared by Accelerate on purpose: its scheduler wrapper steps once per process, which would make
         # the warm-up length depend on the number of ranks.
         scheduler = torch.optim.lr_scheduler.LambdaLR(
