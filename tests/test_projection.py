@@ -12,6 +12,7 @@ from cdad_dist.continual.capture import (CaptureConfig, FeatureCapture, layer_in
                                          select_capture_batches)
 from cdad_dist.continual.layers import LayerPatterns, discover_protected, input_dim
 from cdad_dist.continual.projector import Projector, project_rows
+from cdad_dist.continual.store import BasisStore, compact_form, orthogonal_complement
 from cdad_dist.continual.strategy import (CDADStrategy, ContinualConfig, JointStrategy, NaiveStrategy,
                                           build_strategy)
 from cdad_dist.errors import CheckpointError, ConfigError, CdadError
@@ -303,6 +304,7 @@ def test_state_dict_resumes_the_bases():
     resumed.load_state_dict(state)
     assert resumed.tasks_done == 1 and resumed.history == strategy.history
     assert all(torch.equal(resumed.store.bases[n], U) for n, U in strategy.store.bases.items())
+    assert resumed.store.complement == strategy.store.complement == {"conv1"}  # k = 19 of d = 27
     with pytest.raises(CheckpointError, match="naive"):
         resumed.load_state_dict(NaiveStrategy().state_dict())
     with pytest.raises(CheckpointError):
@@ -377,3 +379,168 @@ def test_capture_forward_on_the_tiny_model(mode):
     assert all(info[n]["n_columns"] > 0 for n in layers)  # the AMN ran (once per image batch)
     assert strategy.history[-1]["layers_without_inputs"] == []
     assert model.training  # the capture pass restored the training mode
+
+
+# -- smaller stored form, saturated and empty layers ----------------------------------------------------------------
+
+def _orthonormal(d: int, k: int, seed: int) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(d, k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))[0]
+
+
+def _principal_sine(A: torch.Tensor, B: torch.Tensor) -> float:
+    A, B = A.double(), B.double()
+    return float(torch.linalg.matrix_norm(B - A @ (A.mT @ B), ord=2))
+
+
+def test_store_keeps_the_smaller_form_and_round_trips(tmp_path):
+    bases = {"thin": _orthonormal(20, 4, 0), "wide": _orthonormal(20, 15, 1), "full": _orthonormal(20, 20, 2),
+             "empty": torch.zeros(20, 0, dtype=torch.float64)}
+    store = BasisStore.from_bases(bases, gamma=0.99, task=0, dtype=torch.float32)
+    assert store.complement == {"wide", "full"}
+    assert {n: tuple(store.bases[n].shape) for n in bases} == {"thin": (20, 4), "wide": (20, 5), "full": (20, 0),
+                                                               "empty": (20, 0)}
+    assert {n: store.rank(n) for n in bases} == {"thin": 4, "wide": 15, "full": 20, "empty": 0}
+    assert store.total_bytes() == 20 * (4 + 5) * 4  # instead of 20 · (4 + 15 + 20) · 4
+    V = store.bases["wide"].double()
+    assert float((V.mT @ bases["wide"]).abs().max()) < 1e-6  # V ⟂ U
+    loaded = BasisStore.load(store.save(tmp_path))
+    assert loaded.complement == store.complement and loaded.task == 0
+    for name, U in bases.items():
+        recovered = loaded.basis(name, torch.float64)
+        assert recovered.shape == U.shape
+        if U.shape[1]:
+            assert _principal_sine(U, recovered) < 1e-6 and _principal_sine(recovered, U) < 1e-6
+    with pytest.raises(CheckpointError, match="complement"):
+        BasisStore(bases={"a": torch.zeros(3, 1)}, complement={"b"})
+
+
+def test_store_file_naming_a_missing_complement_layer_is_refused(tmp_path):
+    from safetensors.torch import save_file
+    import json
+
+    path = tmp_path / "bad_complement.safetensors"
+    save_file({"x": torch.zeros(4, 1)}, str(path),
+              metadata={"format": "cdad-bases/1", "task": "0", "gamma": "0.9",
+                        "layers": json.dumps({"x": {"d": 4, "k": 3}}), "complement": json.dumps(["y"])})
+    with pytest.raises(CheckpointError, match="bad_complement"):
+        BasisStore.load(path)
+    ok = tmp_path / "ok.safetensors"
+    save_file({"x": torch.zeros(4, 1)}, str(ok),
+              metadata={"format": "cdad-bases/1", "task": "0", "gamma": "0.9",
+                        "layers": json.dumps({"x": {"d": 4, "k": 3}}), "complement": json.dumps(["x"])})
+    assert BasisStore.load(ok).rank("x") == 3
+
+
+@pytest.mark.parametrize("k", [3, 9])  # thin U (projected with U) and wide U (projected with its complement V)
+def test_both_stored_forms_project_like_the_full_projector(k):
+    layer = nn.Linear(12, 5, bias=False)
+    U = _orthonormal(12, k, 3)
+    stored, is_complement = compact_form(U)
+    assert is_complement == (k > 6)
+    projector = Projector({"fc": layer}, {"fc": stored.float()}, "update",
+                          complement={"fc"} if is_complement else ())
+    start = layer.weight.detach().clone()
+    storage = layer.weight.data_ptr()
+    projector.anchor()
+    for step in range(3):
+        with torch.no_grad():
+            layer.weight.add_(torch.randn(5, 12, generator=torch.Generator().manual_seed(step)))
+        expected = start.double() + project_rows((layer.weight.detach() - start).double(), U)
+        projector.project_update()
+        assert layer.weight.data_ptr() == storage  # updated in place
+        assert torch.allclose(layer.weight.detach().double(), expected, atol=1e-5)
+    leak = projector.leak_ratios({"fc": start})["fc"]
+    assert leak < 1e-5
+    grad_projector = Projector({"fc": layer}, {"fc": stored.float()}, "grad",
+                               complement={"fc"} if is_complement else ())
+    grad_projector.install_grad_hooks()
+    layer.weight.grad = None
+    layer(torch.randn(7, 12)).square().sum().backward()
+    assert float((layer.weight.grad.double() @ U).norm()) < 1e-5 * float(layer.weight.grad.norm())
+    grad_projector.remove()
+
+
+def test_saturated_layers_are_frozen_and_empty_bases_cost_nothing():
+    net = Net()
+    d1, d2 = input_dim(net.conv1), input_dim(net.conv2)
+    bases = {"conv1": torch.zeros(d1, 0), "conv2": _orthonormal(d2, 5, 4).float(), "fc2": torch.zeros(24, 0)}
+    state = {**CDADStrategy(ContinualConfig()).state_dict(), "tasks_done": 1, "task": 0, "bases": bases,
+             "complement": ["conv1"]}  # conv1: k = d (complement empty); fc2: k = 0
+    strategy = CDADStrategy(ContinualConfig())
+    strategy.load_state_dict(state)
+    assert strategy.store.rank("conv1") == d1 and strategy.store.rank("fc2") == 0
+    strategy.begin_task(1, net)
+    assert strategy.saturated == ["conv1"] and strategy._projector.names == ["conv2"]
+    assert not net.conv1.weight.requires_grad and net.conv2.weight.requires_grad
+    groups = strategy.optimizer_param_groups(net, 0.01)
+    assert all(p is not net.conv1.weight for g in groups for p in g["params"])
+    before = net.conv1.weight.detach().clone()
+    train(net, net, strategy, torch.optim.AdamW([p for g in groups for p in g["params"]], lr=1e-2,
+                                                weight_decay=0.05), noisy_images(16, 5), steps=3, seed=6)
+    assert torch.equal(net.conv1.weight.detach(), before)
+    strategy.end_task(1, net, batches_of(noisy_images(8, 7)), lambda b: net(b["image"]))
+    assert net.conv1.weight.requires_grad  # frozen only while the task's projector is installed
+
+
+def test_nothing_left_to_train_is_a_clear_error():
+    net = Net()
+    layers = discover_protected(net, LayerPatterns())
+    bases = {name: torch.zeros(input_dim(m), 0) for name, m in layers.items()}
+    state = {**CDADStrategy(ContinualConfig()).state_dict(), "tasks_done": 1, "task": 0, "bases": bases,
+             "complement": sorted(bases)}
+    strategy = CDADStrategy(ContinualConfig())
+    strategy.load_state_dict(state)
+    strategy.begin_task(1, net)
+    with pytest.raises(ConfigError, match="nothing left to train"):
+        strategy.optimizer_param_groups(net, 0.01)
+
+
+def test_orthogonal_complement_of_float32_basis_is_exact():
+    U = _orthonormal(30, 20, 8).float()
+    V = orthogonal_complement(U)
+    assert V.dtype == torch.float64 and V.shape == (30, 10)
+    assert float((V.mT @ U.double()).abs().max()) < 1e-6
+    assert float((V.mT @ V - torch.eye(10, dtype=torch.float64)).abs().max()) < 1e-12
+
+
+def test_gram_merge_in_complement_form_equals_the_full_merge():
+    from cdad_dist.continual.memory import gpm_merge_gram, gpm_merge_gram_compact
+
+    d = 40
+    g = torch.Generator().manual_seed(9)
+
+    def gram(rank: int) -> torch.Tensor:
+        Q = torch.linalg.qr(torch.randn(d, rank, generator=g, dtype=torch.float64))[0]
+        X = (Q * torch.linspace(2.0, 0.5, rank, dtype=torch.float64)) @ torch.randn(rank, 300, generator=g,
+                                                                                      dtype=torch.float64)
+        X += 1e-4 * torch.randn(d, 300, generator=g, dtype=torch.float64)
+        return X @ X.mT
+
+    G0, G1 = gram(24), gram(12)
+    U0, info0 = gpm_merge_gram(None, G0, GAMMA, out_dtype=torch.float64)
+    U1, info1 = gpm_merge_gram(U0, G1, GAMMA, out_dtype=torch.float64)
+    s0, c0, j0 = gpm_merge_gram_compact(None, False, G0, GAMMA)
+    s1, c1, j1 = gpm_merge_gram_compact(s0.float(), c0, G1, GAMMA)  # the store keeps float32
+    assert c0 and c1 and s0.shape == (d, d - info0.k_new) and s1.shape == (d, d - info1.k_new)
+    assert (j0.k_new, j1.k_old, j1.k_new) == (info0.k_new, info1.k_old, info1.k_new) and info1.k_new > info0.k_new
+    assert j1.captured == pytest.approx(info1.captured, abs=1e-6)
+    assert float((s1.mT @ U1).abs().max()) < 1e-5  # the new complement is ⟂ the merged basis
+    assert float((s1.mT @ s1 - torch.eye(s1.shape[1], dtype=torch.float64)).abs().max()) < 1e-12
+    thin, thin_is_complement, _ = gpm_merge_gram_compact(None, False, gram(5), GAMMA)
+    assert not thin_is_complement and thin.shape[1] <= 20
+
+
+def test_channels_last_weight_takes_the_copy_path_and_stays_projected():
+    conv = nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    assert not conv.weight.is_contiguous()
+    U = _orthonormal(27, 20, 10)
+    stored, is_complement = compact_form(U)
+    assert is_complement  # k = 20 of d = 27
+    projector = Projector({"conv": conv}, {"conv": stored.float()}, "update", complement={"conv"})
+    start = conv.weight.detach().clone()
+    projector.anchor()
+    with torch.no_grad():
+        conv.weight.add_(torch.randn_like(conv.weight))
+    projector.project_update()
+    dW = (conv.weight.detach() - start).reshape(4, -1).double()
+    assert float((dW @ U).norm()) < 1e-5 * float(dW.norm())

@@ -8,8 +8,11 @@ train on task-1 images with AdamW + weight decay under three strategies: ``naive
 Timing is built to survive a shared machine: the three copies take turns in short blocks of steps (the order
 rotating per block), and the overhead is the median over blocks of the per-block ratio ``update / naive``, so a
 load change hits both sides of a ratio alike. Wall-clock and process-CPU time are both reported; the load average
-is printed so a reader can tell when the machine was busy. The issue's target is a wall-clock step ratio ≤ 1.10
-for ``update`` on the tiny preset (batch 8, 64 px, 2 CPU threads).
+is printed so a reader can tell when the machine was busy; the ratio of the fastest steps is a second estimate of
+the quiet-machine ratio. The issue's target is a wall-clock step ratio ≤ 1.10 for ``update`` on the tiny preset
+(batch 8, 64 px, 2 CPU threads). Note that a cdad step also differs from a naive one outside the projection (the
+unprotected parameters and the k = d layers are frozen, so backward and AdamW do a little less), so the
+projection's own time is printed too, as a share of a naive step.
 
 Also reported per strategy: the largest leak ‖ΔW·U‖/‖ΔW‖ over the protected layers and the drift of the task-0
 DDIM reconstruction (relative L2 change of the final latent, same noise); plus the basis store's size (stored
@@ -118,8 +121,10 @@ def _timed_blocks(trainees: dict[str, _Trainee], cfg: ProjectionBenchConfig) -> 
     for r in range(cfg.repeats):
         for mode in order[r % len(order):] + order[: r % len(order)]:  # rotate who runs first
             samples = [trainees[mode].step() for _ in range(cfg.steps_per_repeat)]
-            blocks[mode].append({key: statistics.median(s[i] for s in samples)
-                                 for i, key in enumerate(("wall_s", "cpu_s", "projection_s"))})
+            block = {key: statistics.median(s[i] for s in samples)
+                     for i, key in enumerate(("wall_s", "cpu_s", "projection_s"))}
+            block["best_wall_s"] = min(s[0] for s in samples)
+            blocks[mode].append(block)
     return blocks
 
 
@@ -188,6 +193,7 @@ def _run(cfg: ProjectionBenchConfig) -> dict:
         projector = getattr(trainee.strategy, "_projector", None)
         results[mode] = {
             "step_s": statistics.median(b["wall_s"] for b in blocks[mode]),
+            "best_step_s": min(b["best_wall_s"] for b in blocks[mode]),
             "cpu_step_s": statistics.median(b["cpu_s"] for b in blocks[mode]),
             "projection_s": statistics.median(b["projection_s"] for b in blocks[mode]),
             "step_ratio_vs_naive": _ratio(blocks, mode, "wall_s"),
@@ -199,6 +205,8 @@ def _run(cfg: ProjectionBenchConfig) -> dict:
             "anchor_bytes": projector.anchor_bytes() if projector is not None else 0,
         }
     for r in results.values():
+        r["best_ratio_vs_naive"] = r["best_step_s"] / results["naive"]["best_step_s"]
+        r["projection_share_of_naive_step"] = r["projection_s"] / results["naive"]["step_s"]
         r["drift_vs_naive"] = r["old_reconstruction_drift"] / max(results["naive"]["old_reconstruction_drift"],
                                                                   1e-30)
     report = _summarise(cfg, store, layers, weights_bytes, capture_s, results, (load_before, load_after))
@@ -227,7 +235,9 @@ def _summarise(cfg, store, layers, weights_bytes: int, capture_s: float, results
     for mode in MODES:
         r = results[mode]
         print(f"  {mode:<7} step {r['step_s'] * 1e3:8.1f} ms (×{r['step_ratio_vs_naive']:.3f} naive wall, "
-              f"×{r['cpu_ratio_vs_naive']:.3f} CPU; projection {r['projection_s'] * 1e3:6.1f} ms)  max leak "
+              f"×{r['cpu_ratio_vs_naive']:.3f} CPU, ×{r['best_ratio_vs_naive']:.3f} fastest steps; projection "
+              f"{r['projection_s'] * 1e3:6.1f} ms = {100 * r['projection_share_of_naive_step']:.1f}% of a naive step)"
+              f"  max leak "
               f"‖ΔW·U‖/‖ΔW‖ {r['max_leak']:.2e}  task-0 reconstruction drift {r['old_reconstruction_drift']:.2e} "
               f"({r['drift_vs_naive']:.3f}× naive)")
     ratio = results["update"]["step_ratio_vs_naive"]

@@ -6,6 +6,9 @@ vectors of R are appended until (‖PᵀB‖² + Σ_{i≤r} σ_i(R)²) / E ≥ �
 (its span is unchanged, the first k columns still span P). Unlike the official code it appends singular vectors
 of R (not raw residual columns) and uses the configured γ (not a hard-coded 0.5).
 
+The store keeps the smaller of U and its complement V; ``gpm_merge_gram_compact`` merges a Gram sketch straight
+into that form (with a stored V, one eigh of VᵀGV of size d − k instead of any d × d decomposition).
+
 Paper version (``eq6_merge``): Eq. 6, Û_t = S&K([Û_{t-1}, X_t], γ) with an unscaled Û_{t-1}, for comparison.
 """
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from torch import Tensor
 
 from cdad_dist.continual.sketches import SketchFactors, rank_for_energy
+from cdad_dist.continual.store import compact_form
 from cdad_dist.errors import ConfigError
 
 
@@ -133,6 +137,70 @@ def gpm_merge_gram(U_old: Tensor | None, G: Tensor, gamma: float, n_columns: int
     info = MergeInfo(d, k_old, k_old + r, total, captured_old / total, (captured_old + captured_add) / total,
                      n_columns)
     return merged.to(out_dtype).contiguous(), info
+
+
+def gpm_merge_gram_complement(V_old: Tensor, G: Tensor, gamma: float,
+                              n_columns: int = 0) -> tuple[Tensor, MergeInfo]:
+    """``gpm_merge_gram`` for an old basis given by its complement V (d × r, span(V) = span(U_old)⊥).
+
+    The residual Gram (I − UUᵀ)·G·(I − UUᵀ) is V·H·Vᵀ with H = VᵀGV (r × r), so one eigh of H gives both the
+    appended directions (V times its leading eigenvectors) and the new complement (V times the others), exactly
+    orthonormal, without forming U or any d × d decomposition. Returns the new complement (float64).
+    """
+    rank_for_energy(torch.ones(1), 1.0, gamma)
+    G = G.detach().to(torch.float64)
+    d, r = V_old.shape
+    if G.shape[0] != d:
+        raise ConfigError(f"gpm_merge: old complement has d={d}, new task's Gram matrix d={G.shape[0]}")
+    total = float(torch.trace(G))
+    V = V_old.detach().to(device=G.device, dtype=torch.float64)
+    if r > 0:
+        V = _qr_keep_signs(V)  # the stored V may be orthonormal only to float32 accuracy
+    if total <= 0 or r == 0:  # no new features, or nothing left to add
+        return V, MergeInfo(d, d - r, d - r, total, 1.0, 1.0, n_columns)
+    H = V.mT @ G @ V
+    H = 0.5 * (H + H.mT)
+    captured_old = total - float(torch.trace(H))
+    need = gamma * total - captured_old
+    r_add, captured_add = 0, 0.0
+    evecs = None
+    if need > 0:
+        evals, evecs = torch.linalg.eigh(H)
+        evals, evecs = evals.flip(0).clamp_min(0.0), evecs.flip(1)
+        r_add = min(rank_for_energy(evals, need, 1.0), r)
+        captured_add = float(evals[:r_add].sum())
+    V_new = V if r_add == 0 else (V @ evecs[:, r_add:]).contiguous()
+    info = MergeInfo(d, d - r, d - r + r_add, total, captured_old / total, (captured_old + captured_add) / total,
+                     n_columns)
+    return V_new, info
+
+
+def gpm_merge_gram_compact(old: Tensor | None, old_is_complement: bool, G: Tensor, gamma: float,
+                           n_columns: int = 0) -> tuple[Tensor, bool, MergeInfo]:
+    """``gpm_merge_gram`` from and to the store's smaller form (see ``store.compact_form``).
+
+    ``old`` is U, or V when ``old_is_complement``. Returns (U or V in float64, is_complement, info). A complement
+    stays a complement (k only grows); the first task takes its complement straight from the eigenvectors of G.
+    """
+    d = G.shape[0]
+    if old is not None and old_is_complement:
+        V, info = gpm_merge_gram_complement(old, G, gamma, n_columns)
+        return V, True, info
+    if old is None or old.shape[1] == 0:
+        G64 = G.detach().to(torch.float64)
+        total = float(torch.trace(G64))
+        if total <= 0:
+            return G64.new_zeros(d, 0), False, MergeInfo(d, 0, 0, total, 1.0, 1.0, n_columns)
+        evals, evecs = torch.linalg.eigh(0.5 * (G64 + G64.mT))
+        evals, evecs = evals.flip(0).clamp_min(0.0), evecs.flip(1)
+        k = rank_for_energy(evals, total, gamma)
+        info = MergeInfo(d, 0, k, total, 0.0, float(evals[:k].sum()) / total, n_columns)
+        if 2 * k > d:
+            return evecs[:, k:].contiguous(), True, info
+        return evecs[:, :k].contiguous(), False, info
+    U, info = gpm_merge_gram(old, G, gamma, n_columns, out_dtype=torch.float64)
+    stored, is_complement = compact_form(U)
+    return stored, is_complement, info
 
 
 def eq6_merge(U_old: Tensor | None, X: Tensor, gamma: float, out_dtype: torch.dtype = torch.float32) -> Tensor:

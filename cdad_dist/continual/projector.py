@@ -10,15 +10,15 @@ no optimizer state, no per-step work). Two modes:
 - ``update`` (default): after each optimizer step the change of W since an anchor taken at the first step of the
   task is projected, W = W_anchor + P⊥(W − W_anchor). Whatever the optimizer did (AdamW's per-coordinate scaling,
   decoupled weight decay, momentum), old inputs X_old ∈ span(U) see W·X_old unchanged. Projecting the change
-  since the anchor (not since the last step) also keeps float32 round-off from accumulating. The anchor is kept
-  only as much as the projection needs: W_anchor·U (out × k) for a thin U, W_anchor·U·Uᵀ (out × d) for a thin V.
+  since the anchor (not since the last step) also keeps float32 round-off from accumulating.
 - ``grad`` (paper): each gradient is projected by a hook on the parameter (``param.register_hook``), before any
   optimizer or DDP/DeepSpeed reduction sees it; the projection is linear, so it commutes with averaging and
   accumulation. The guarantee then holds for plain SGD only: Adam(W)'s element-wise normalisation and weight decay
   move W inside span(U) again.
 
-Factors are kept in float32 on the weight's device; the per-step work of a float32 weight is two in-place matrix
-products into preallocated buffers (no allocation per step).
+Factors are kept in float32 on the weight's device; the per-step work of a float32 weight is one subtraction and
+two matrix products into two scratch buffers shared by all layers, the last one writing the weight in place (no
+allocation per step).
 """
 from __future__ import annotations
 
@@ -51,8 +51,7 @@ class _Target:
     weight: nn.Parameter
     factor: Tensor
     complement: bool
-    anchor: Tensor | None = None  # W_anchor·U (out × k) or W_anchor·U·Uᵀ (out × d)
-    coef: Tensor | None = None  # preallocated out × columns(factor) buffer
+    anchor: Tensor | None = None  # W at the task's first step (out × d, float32)
 
     def project(self, matrix: Tensor) -> Tensor:
         if self.complement:
@@ -89,6 +88,7 @@ class Projector:
                 continue  # U empty: nothing to protect
             self._targets[name] = _Target(module.weight, stored.detach(), is_complement)
         self._anchored = False
+        self._scratch: dict[torch.device, tuple[Tensor, Tensor]] = {}
         self._hooks: list = []
 
     @property
@@ -120,25 +120,29 @@ class Projector:
     # -- update mode ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def anchor(self) -> None:
-        """Remember what the task's projected change is measured from (once per task)."""
+        """Remember the weights the task's projected change is measured from (once per task), and allocate the
+        two scratch buffers every layer's step reuses."""
         if self._anchored:
             return
         for target in self._targets.values():
             weight = target.weight
-            F = self._factor(target, weight.device)
-            start = weight.detach().reshape(weight.shape[0], -1).float()
-            if target.complement:  # W_anchor·U·Uᵀ = W_anchor − (W_anchor·V)·Vᵀ
-                target.anchor = start - (start @ F) @ F.mT
-            else:
-                target.anchor = start @ F
-            target.coef = torch.empty(weight.shape[0], F.shape[1], device=weight.device, dtype=torch.float32)
+            self._factor(target, weight.device)
+            target.anchor = weight.detach().reshape(weight.shape[0], -1).to(torch.float32, copy=True)
+        sizes: dict[torch.device, tuple[int, int]] = {}  # per device: largest Δ (out·d) and Δ·F (out·columns)
+        for target in self._targets.values():
+            out, columns = target.anchor.shape[0], target.factor.shape[1]
+            n_delta, n_coef = sizes.get(target.anchor.device, (0, 0))
+            sizes[target.anchor.device] = (max(n_delta, target.anchor.numel()), max(n_coef, out * columns))
+        self._scratch = {device: (torch.empty(n_delta, device=device), torch.empty(n_coef, device=device))
+                         for device, (n_delta, n_coef) in sizes.items()}
         self._anchored = True
 
     @torch.no_grad()
     def project_update(self) -> None:
-        """W ← W_anchor + P⊥(W − W_anchor) for every projected weight.
+        """W ← W_anchor + P⊥(W − W_anchor) for every projected weight, in place.
 
-        Thin U: W ← W − (W·U − W_anchor·U)·Uᵀ. Thin V: W ← W_anchor·U·Uᵀ + (W·V)·Vᵀ.
+        With Δ = W − W_anchor: thin U: W ← W − (Δ·U)·Uᵀ; thin V: W ← W_anchor + (Δ·V)·Vᵀ. Forming Δ first (rather
+        than W·U − W_anchor·U) keeps the round-off relative to ‖Δ‖, not ‖W‖.
         """
         if not self._anchored:
             raise RuntimeError("Projector.project_update called before anchor(): call before_optimizer_step first")
@@ -148,19 +152,21 @@ class Projector:
             if weight.dtype == torch.float32 and weight.is_contiguous():
                 W = weight.view(weight.shape[0], -1)  # aliases the parameter: updated in place
                 self._project_inplace(target, W, F)
-            else:  # e.g. half-precision or channels-last weights: compute in float32, copy back
-                W = weight.detach().reshape(weight.shape[0], -1).float()
+            else:  # e.g. half-precision or channels-last weights: compute on a float32 copy, copy back
+                W = weight.detach().reshape(weight.shape[0], -1).to(torch.float32, copy=True)
                 self._project_inplace(target, W, F)
                 weight.copy_(W.reshape(weight.shape))
 
-    @staticmethod
-    def _project_inplace(target: _Target, W: Tensor, F: Tensor) -> None:
-        coef = target.coef
-        torch.mm(W, F, out=coef)
+    def _project_inplace(self, target: _Target, W: Tensor, F: Tensor) -> None:
+        delta_buf, coef_buf = self._scratch[W.device]
+        start = target.anchor
+        delta = delta_buf[: start.numel()].view(start.shape)
+        coef = coef_buf[: start.shape[0] * F.shape[1]].view(start.shape[0], F.shape[1])
+        torch.sub(W, start, out=delta)
+        torch.mm(delta, F, out=coef)
         if target.complement:
-            torch.addmm(target.anchor, coef, F.mT, out=W)
+            torch.addmm(start, coef, F.mT, out=W)
         else:
-            coef.sub_(target.anchor)
             W.addmm_(coef, F.mT, alpha=-1.0)
 
     # -- grad mode -----------------------------------------------------------------------------------------------
@@ -184,7 +190,8 @@ class Projector:
             handle.remove()
         self._hooks.clear()
         for target in self._targets.values():
-            target.anchor, target.coef = None, None
+            target.anchor = None
+        self._scratch = {}
         self._anchored = False
         for weight in self._frozen:
             weight.requires_grad_(True)
@@ -193,8 +200,8 @@ class Projector:
     # -- diagnostics ---------------------------------------------------------------------------------------------
     def anchor_bytes(self) -> int:
         """Memory held for the task's anchor terms and step buffers (0 before ``anchor``)."""
-        return sum(t.numel() * t.element_size() for target in self._targets.values()
-                   for t in (target.anchor, target.coef) if t is not None)
+        anchors = sum(t.anchor.numel() * 4 for t in self._targets.values() if t.anchor is not None)
+        return anchors + sum(b.numel() * b.element_size() for bufs in self._scratch.values() for b in bufs)
 
     @torch.no_grad()
     def leak_ratios(self, reference: dict[str, Tensor]) -> dict[str, float]:

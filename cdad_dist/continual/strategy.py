@@ -21,7 +21,7 @@ from torch import nn
 from cdad_dist.continual.capture import CaptureConfig, FeatureCapture, select_capture_batches
 from cdad_dist.continual.layers import (LayerPatterns, discover_protected, freeze_unprotected, input_dim,
                                         protected_weight_bytes)
-from cdad_dist.continual.memory import gpm_merge, gpm_merge_gram
+from cdad_dist.continual.memory import gpm_merge, gpm_merge_gram_compact
 from cdad_dist.continual.projector import PROJECT_MODES, Projector
 from cdad_dist.continual.reducer import dist_info, reduce_and_finalize
 from cdad_dist.continual.sketches import SKETCH_KINDS, GramSketch, Sketch, SketchOptions, make_sketch
@@ -273,19 +273,22 @@ class CDADStrategy(ContinualStrategy):
         """Runs on the layer's owner rank: the merged basis of all tasks so far, in its smaller stored form
         (U, or its complement V when k > d/2; computed in float64, then cast to ``basis_dtype``)."""
         out_dtype = basis_dtype(self.cfg.basis_dtype)
-        old = self.store.basis(name, torch.float64) if name in self.store.bases else None
-        if self.cfg.paper_faithful:
-            U = sketch.basis(self.cfg.gamma).to(torch.float64)
-            k_old = 0 if old is None else int(old.shape[1])
-            info = {"d": sketch.d, "k_old": k_old, "k_new": int(U.shape[1]), "n_columns": sketch.n_columns}
-        elif isinstance(sketch, GramSketch):
-            U, merge = gpm_merge_gram(old, sketch.gram(), self.cfg.gamma, sketch.n_columns,
-                                      out_dtype=torch.float64)
+        known = name in self.store.bases
+        if isinstance(sketch, GramSketch) and not self.cfg.paper_faithful:
+            old = self.store.bases[name] if known else None  # in its stored form: merged without forming U
+            stored, is_complement, merge = gpm_merge_gram_compact(old, name in self.store.complement, sketch.gram(),
+                                                                  self.cfg.gamma, sketch.n_columns)
             info = merge.to_dict()
         else:
-            U, merge = gpm_merge(old, sketch.factors(), self.cfg.gamma, out_dtype=torch.float64)
-            info = merge.to_dict()
-        stored, is_complement = compact_form(U)
+            old = self.store.basis(name, torch.float64) if known else None
+            if self.cfg.paper_faithful:
+                U = sketch.basis(self.cfg.gamma).to(torch.float64)
+                k_old = 0 if old is None else int(old.shape[1])
+                info = {"d": sketch.d, "k_old": k_old, "k_new": int(U.shape[1]), "n_columns": sketch.n_columns}
+            else:
+                U, merge = gpm_merge(old, sketch.factors(), self.cfg.gamma, out_dtype=torch.float64)
+                info = merge.to_dict()
+            stored, is_complement = compact_form(U)
         info.update(sketch=sketch.kind, sketch_peak_bytes=sketch.peak_nbytes,
                     stored="complement" if is_complement else "basis")
         return stored.to(out_dtype).contiguous(), info
