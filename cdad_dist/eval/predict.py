@@ -31,7 +31,6 @@ import csv
 import json
 import math
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -44,11 +43,11 @@ from matplotlib.figure import Figure
 from safetensors.torch import load_file
 
 from cdad_dist.atomic import sha256_file, write_json_atomic
-from cdad_dist.config import EvalConfig, RunConfig, load_config
+from cdad_dist.config import RunConfig, load_config
 from cdad_dist.data.images import read_rgb
 from cdad_dist.engine.checkpoint import MANIFEST, CheckpointRef, list_checkpoints
 from cdad_dist.errors import CdadError, CheckpointError
-from cdad_dist.eval.anomaly_map import anomaly_maps, extractor_from_config
+from cdad_dist.eval.anomaly_map import extractor_from_config
 from cdad_dist.eval.scoring import ScoredBatch, batch_generator, score_batch
 from cdad_dist.models.presets import build_model, resolve_config
 

@@ -94,21 +94,27 @@ def _from_pretrained(cls, root: Path, subfolder: str | None, what: str):
         raise PretrainedWeightsError(f"{what}: cannot load the diffusers folder {str(where)!r}: {exc}") from exc
 
 
+def _load_component(path, label: str, subfolder: str, model_cls, config: dict | None, convert, checkpoint):
+    """One SD component from a diffusers folder (``subfolder`` or a bare component folder) or a single file,
+    converted from the original layout with diffusers' own ``convert`` function (no Hub config needed)."""
+    p = _existing(path, label)
+    if not is_single_file(p):
+        root, sub = _component_dir(p, subfolder, label)
+        return _from_pretrained(model_cls, root, sub, label)
+    if config is None:
+        raise PretrainedWeightsError(f"{label}: loading the single file {str(p)!r} needs the {label} config")
+    state = checkpoint if checkpoint is not None else read_single_file(p)
+    model = model_cls(**config)
+    return _load_converted(model, convert(state, dict(model.config)), str(p), label)
+
+
 def load_unet(path: str | Path, unet_config: dict | None = None, checkpoint: dict | None = None):
     """SD U-Net from a diffusers folder, or from a single file using ``unet_config`` (diffusers kwargs)."""
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    p = _existing(path, "U-Net")
-    if not is_single_file(p):
-        root, sub = _component_dir(p, "unet", "U-Net")
-        return _from_pretrained(UNet2DConditionModel, root, sub, "U-Net")
-    if unet_config is None:
-        raise PretrainedWeightsError(f"U-Net: loading the single file {str(p)!r} needs the U-Net config")
-    state = checkpoint if checkpoint is not None else read_single_file(p)
-    unet = UNet2DConditionModel(**unet_config)
-    converted = convert_ldm_unet_checkpoint(state, dict(unet.config))
-    return _load_converted(unet, converted, str(p), "U-Net")
+    return _load_component(path, "U-Net", "unet", UNet2DConditionModel, unet_config, convert_ldm_unet_checkpoint,
+                           checkpoint)
 
 
 def load_vae(path: str | Path, vae_config: dict | None = None, checkpoint: dict | None = None):
@@ -116,16 +122,7 @@ def load_vae(path: str | Path, vae_config: dict | None = None, checkpoint: dict 
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-    p = _existing(path, "VAE")
-    if not is_single_file(p):
-        root, sub = _component_dir(p, "vae", "VAE")
-        return _from_pretrained(AutoencoderKL, root, sub, "VAE")
-    if vae_config is None:
-        raise PretrainedWeightsError(f"VAE: loading the single file {str(p)!r} needs the VAE config")
-    state = checkpoint if checkpoint is not None else read_single_file(p)
-    vae = AutoencoderKL(**vae_config)
-    converted = convert_ldm_vae_checkpoint(state, dict(vae.config))
-    return _load_converted(vae, converted, str(p), "VAE")
+    return _load_component(path, "VAE", "vae", AutoencoderKL, vae_config, convert_ldm_vae_checkpoint, checkpoint)
 
 
 @torch.no_grad()
