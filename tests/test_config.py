@@ -77,3 +77,11 @@ def test_task_slices(spec, n, expected):
 def test_bad_task_slices(spec):
     with pytest.raises(ConfigError, match="tasks"):
         task_slice(spec, 3)
+
+
+@pytest.mark.parametrize("path", sorted((DEFAULT_CONFIG.parent).rglob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_configs_load_and_name_known_sequences(path):
+    from cdad_dist.data.sequences import resolve_sequence
+
+    cfg = load_config(path)
+    assert len(resolve_sequence(cfg.sequence)) >= 2

@@ -16,7 +16,7 @@ from cdad_dist.data.stream import eval_stream
 from cdad_dist.eval.anomaly_map import extractor_from_config
 from cdad_dist.eval.metrics import ClassMetricAccumulator
 from cdad_dist.eval.report import save_heatmap_grid, write_report
-from cdad_dist.eval.scoring import score_batch
+from cdad_dist.eval.scoring import batch_generator, score_batch
 
 
 class _Examples:
@@ -84,7 +84,7 @@ class Evaluator:
         for index, batch in enumerate(stream):
             x = batch["image"].to(acc.device)
             # Evaluation noise depends on (seed, task, rank, batch) only: re-running an evaluation repeats it.
-            generator = torch.Generator().manual_seed(((seed * 1009 + after_task) * 9973 + acc.process_index) * 100_003 + index)
+            generator = batch_generator((seed * 1009 + after_task) * 9973 + acc.process_index, index)
             scored = score_batch(model, self.extractor, x, self.cfg, generator)
             metric.update(scored.scores.cpu(), scored.maps.cpu(), batch["label"], batch["mask"])
             if acc.is_main_process:
