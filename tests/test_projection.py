@@ -322,15 +322,18 @@ def test_state_dict_resumes_the_bases():
 
 def test_backends_where_projection_would_silently_fail_are_refused():
     class FakeAccelerator:
-        def __init__(self, kind: str) -> None:
+        def __init__(self, kind: str, zero_stage: int = 2) -> None:
             self.distributed_type = kind
+            plugin = type("Plugin", (), {"deepspeed_config": {"zero_optimization": {"stage": zero_stage}}})()
+            self.state = type("State", (), {"deepspeed_plugin": plugin})()
 
     net = Net()
-    with pytest.raises(ConfigError, match="DeepSpeed"):
-        CDADStrategy(ContinualConfig(project="update")).begin_task(0, net, FakeAccelerator("DistributedType.DEEPSPEED"))
+    with pytest.raises(ConfigError, match="ZeRO-3"):
+        CDADStrategy(ContinualConfig()).begin_task(0, net, FakeAccelerator("DistributedType.DEEPSPEED", 3))
     with pytest.raises(ConfigError, match="FSDP"):
         CDADStrategy(ContinualConfig(project="grad")).begin_task(0, net, FakeAccelerator("FSDP"))
-    CDADStrategy(ContinualConfig(project="grad")).begin_task(0, net, FakeAccelerator("DEEPSPEED"))
+    for project in ("update", "grad"):  # ZeRO-1/2 keep whole weights: both modes work (tests/test_deepspeed.py)
+        CDADStrategy(ContinualConfig(project=project)).begin_task(0, net, FakeAccelerator("DEEPSPEED", 2))
     CDADStrategy(ContinualConfig()).begin_task(0, net, FakeAccelerator("MULTI_GPU"))
 
 

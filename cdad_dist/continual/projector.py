@@ -16,6 +16,12 @@ no optimizer state, no per-step work). Two modes:
   accumulation. The guarantee then holds for plain SGD only: Adam(W)'s element-wise normalisation and weight decay
   move W inside span(U) again.
 
+Under DeepSpeed ZeRO-1/2 (``deepspeed_master=True``) the optimizer owns fp32 master weights, partitioned over
+ranks, and copies them into the module after every step, so projecting only the module's weight would be undone
+at the next step. There the update mode reads the full fp32 weight (the module's own when it is fp32, which ZeRO
+gathers whole after each step; otherwise ``safe_get_full_fp32_param``), projects it identically on every rank, and
+writes it both into the module and into this rank's fp32 master fragment (``safe_set_full_fp32_param``).
+
 Factors are kept in float32 on the weight's device; the per-step work of a float32 weight is one subtraction and
 two matrix products into two scratch buffers shared by all layers, the last one writing the weight in place (no
 allocation per step).
@@ -66,10 +72,11 @@ class Projector:
     """
 
     def __init__(self, layers: dict[str, nn.Module], bases: dict[str, Tensor], mode: str = "update",
-                 complement: Collection[str] = ()) -> None:
+                 complement: Collection[str] = (), deepspeed_master: bool = False) -> None:
         if mode not in PROJECT_MODES:
             raise ConfigError(f"continual.project must be one of {PROJECT_MODES}, got {mode!r}")
         self.mode = mode
+        self.deepspeed_master = deepspeed_master
         self._targets: dict[str, _Target] = {}
         self._saturated: dict[str, nn.Parameter] = {}  # k = d: frozen instead of projected
         self._frozen: list[nn.Parameter] = []
@@ -124,10 +131,27 @@ class Projector:
         two scratch buffers every layer's step reuses."""
         if self._anchored:
             return
-        for target in self._targets.values():
+        self.restore_anchor({name: self._full_fp32(t.weight) for name, t in self._targets.items()})
+
+    def anchor_state(self) -> dict[str, Tensor]:
+        """The task's anchors (CPU copies) for a mid-task checkpoint: a resumed run must measure the projected change
+        from the same weights as the uninterrupted one, or the result differs in the last bits."""
+        return {name: t.anchor.detach().cpu().clone() for name, t in self._targets.items() if t.anchor is not None}
+
+    @torch.no_grad()
+    def restore_anchor(self, anchors: dict[str, Tensor]) -> None:
+        """Set the anchors (from ``anchor`` or a checkpoint's ``anchor_state``) and allocate the step buffers."""
+        missing = sorted(set(self._targets) - set(anchors))
+        if missing:
+            raise ConfigError(f"projector anchors missing for layers {missing[:5]}")
+        for name, target in self._targets.items():
             weight = target.weight
             self._factor(target, weight.device)
-            target.anchor = weight.detach().reshape(weight.shape[0], -1).to(torch.float32, copy=True)
+            anchor = anchors[name].to(device=weight.device, dtype=torch.float32).reshape(weight.shape[0], -1)
+            if anchor.shape[1] != target.factor.shape[0]:
+                raise ConfigError(f"projector anchor of layer {name!r} has shape {tuple(anchor.shape)}, the layer's "
+                                  f"weight is {tuple(weight.shape)}")
+            target.anchor = anchor.clone()
         sizes: dict[torch.device, tuple[int, int]] = {}  # per device: largest Δ (out·d) and Δ·F (out·columns)
         for target in self._targets.values():
             out, columns = target.anchor.shape[0], target.factor.shape[1]
@@ -149,13 +173,27 @@ class Projector:
         for target in self._targets.values():
             weight = target.weight
             F = self._factor(target, weight.device)
-            if weight.dtype == torch.float32 and weight.is_contiguous():
+            if self.deepspeed_master:
+                W = self._full_fp32(weight).reshape(weight.shape[0], -1)
+                self._project_inplace(target, W, F)
+                _write_deepspeed_weight(weight, W.reshape(weight.shape))
+            elif weight.dtype == torch.float32 and weight.is_contiguous():
                 W = weight.view(weight.shape[0], -1)  # aliases the parameter: updated in place
                 self._project_inplace(target, W, F)
             else:  # e.g. half-precision or channels-last weights: compute on a float32 copy, copy back
                 W = weight.detach().reshape(weight.shape[0], -1).to(torch.float32, copy=True)
                 self._project_inplace(target, W, F)
                 weight.copy_(W.reshape(weight.shape))
+
+    def _full_fp32(self, weight: nn.Parameter) -> Tensor:
+        """A float32 copy of the whole weight: under DeepSpeed the optimizer's master copy, gathered."""
+        if self.deepspeed_master and weight.dtype != torch.float32:
+            from deepspeed.utils import safe_get_full_fp32_param  # all ranks call this together (all-reduce)
+
+            full = safe_get_full_fp32_param(weight)
+            if full is not None:
+                return full.detach().to(torch.float32, copy=True)
+        return weight.detach().to(torch.float32, copy=True)
 
     def _project_inplace(self, target: _Target, W: Tensor, F: Tensor) -> None:
         delta_buf, coef_buf = self._scratch[W.device]
@@ -215,3 +253,12 @@ class Projector:
             inside = delta - project_rows_complement(delta, F) if target.complement else delta @ F
             ratios[name] = float(inside.norm()) / norm if norm > 0 else 0.0
         return ratios
+
+
+@torch.no_grad()
+def _write_deepspeed_weight(weight: nn.Parameter, value: Tensor) -> None:
+    """Write a projected full weight into the module and into this rank's fp32 master fragment (ZeRO-1/2)."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    weight.data.copy_(value.to(weight.dtype))
+    safe_set_full_fp32_param(weight, value)

@@ -153,6 +153,8 @@ class CDADStrategy(ContinualStrategy):
         self.frozen: list[str] = []
         self.saturated: list[str] = []  # protected layers with k = d, frozen for the current task
         self._projector: Projector | None = None
+        self._pending_anchor: tuple[int, dict[str, torch.Tensor]] | None = None  # from a mid-task checkpoint
+        self._current_task: int | None = None
         self._layers: tuple[int, dict[str, nn.Module]] | None = None
 
     # -- layers ----------------------------------------------------------------------------------------------------
@@ -163,31 +165,41 @@ class CDADStrategy(ContinualStrategy):
 
     # -- training hooks --------------------------------------------------------------------------------------------
     def begin_task(self, task_index: int, model: nn.Module, accelerator=None) -> None:
-        self._check_backend(accelerator)
+        deepspeed = self._check_backend(accelerator)
         self._close_projector()
         layers = self.protected_layers(model)
         if task_index > 0 and self.cfg.freeze_unprotected:
             self.frozen = freeze_unprotected(model, layers)
         self.saturated = []
         if self.store.bases:
-            self._projector = Projector(layers, self.store.bases, self.cfg.project, complement=self.store.complement)
+            self._projector = Projector(layers, self.store.bases, self.cfg.project, complement=self.store.complement,
+                                        deepspeed_master=deepspeed)
             self.saturated = self._projector.freeze_saturated()
             if self.cfg.project == "grad":
                 self._projector.install_grad_hooks()
+            elif self._pending_anchor is not None and self._pending_anchor[0] == task_index:
+                self._projector.restore_anchor(self._pending_anchor[1])
+        self._pending_anchor = None
+        self._current_task = task_index
         log.info("cdad: task %d: %d protected layers, %d projected (%s mode), %d frozen (k = d), %d other "
                  "parameters frozen", task_index, len(layers), len(self._projector.names) if self._projector else 0,
                  self.cfg.project, len(self.saturated), len(self.frozen))
 
-    def _check_backend(self, accelerator) -> None:
-        """Refuse combinations where the projection would silently do nothing or hit sharded weights."""
+    def _check_backend(self, accelerator) -> bool:
+        """Refuse backends where the projection would hit sharded weights; True under DeepSpeed ZeRO-1/2, whose
+        optimizer keeps fp32 master weights that the update projection must write too."""
         kind = str(getattr(accelerator, "distributed_type", "") or "").upper()
         if "FSDP" in kind:
             raise ConfigError("continual.strategy=cdad does not support FSDP (protected weights are sharded "
                               "flat parameters); use DDP or DeepSpeed ZeRO-2")
-        if "DEEPSPEED" in kind and self.cfg.project == "update":
-            raise ConfigError("continual.project=update does not work under DeepSpeed: its optimizer keeps fp32 "
-                              "master weights and overwrites the module's weights after every step; use "
-                              "continual.project=grad (per-parameter gradient hooks)")
+        if "DEEPSPEED" not in kind:
+            return False
+        plugin = accelerator.state.deepspeed_plugin
+        stage = int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+        if stage >= 3:
+            raise ConfigError("continual.strategy=cdad does not support DeepSpeed ZeRO-3 (it shards the protected "
+                              "weights); use ZeRO-1 or ZeRO-2 (launch/deepspeed/zero2.json)")
+        return True
 
     def before_optimizer_step(self, model: nn.Module) -> None:
         if self._projector is not None and self.cfg.project == "update":
@@ -318,7 +330,9 @@ class CDADStrategy(ContinualStrategy):
         return self.store.save(directory, dtype=self.cfg.basis_dtype)
 
     def state_dict(self) -> dict:
+        anchor = self._projector.anchor_state() if self._projector is not None else {}
         return {"format": STATE_FORMAT, "name": self.name, "tasks_done": self.tasks_done,
+                "anchor": {"task": self._current_task, "weights": anchor} if anchor else None,
                 "gamma": self.cfg.gamma, "task": self.store.task,
                 "bases": {n: U.detach().cpu().clone() for n, U in self.store.bases.items()},
                 "complement": sorted(self.store.complement),  # layers whose stored tensor is V = U⊥
@@ -343,6 +357,8 @@ class CDADStrategy(ContinualStrategy):
         self.store = BasisStore(bases=bases, gamma=self.cfg.gamma, task=task, complement=complement)
         self.tasks_done = tasks_done
         self.history = list(state.get("history", []))
+        anchor = state.get("anchor")
+        self._pending_anchor = (int(anchor["task"]), dict(anchor["weights"])) if anchor else None
 
 
 def build_strategy(cfg: ContinualConfig | dict) -> ContinualStrategy:

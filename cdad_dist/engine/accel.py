@@ -6,6 +6,10 @@ Two traps found on CPU machines (checked):
   `MULTI_CPU` over gloo (`launch/cpu-2proc.yaml`). Without `cpu=True` every rank silently trains alone.
 - Under DeepSpeed, `cpu=True` silently drops the DeepSpeed plugin, so it is never set there; the process group
   then needs `backend="gloo"` explicitly on CPU.
+
+DeepSpeed (ZeRO-1/2, `launch/deepspeed-zero2.yaml`): the engine is built per task by `prepare`; the "auto" entries
+of the JSON that Accelerate cannot infer without a DataLoader are filled from the run config by
+`fill_deepspeed_config`, so one JSON serves every experiment.
 """
 from __future__ import annotations
 
@@ -17,6 +21,10 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 
 from cdad_dist.errors import ConfigError
+
+# ZeRO stages cdad-dist supports: module parameters stay whole on every rank, which the continual projection and
+# the basis capture need. Stage 3 shards them.
+SUPPORTED_ZERO_STAGES = (0, 1, 2)
 
 
 def _launched_world_size() -> int:
@@ -76,3 +84,31 @@ def make_accelerator(
             "launch/cpu-2proc.yaml` (i.e. --multi_gpu --num_processes N), not `--cpu`."
         )
     return accelerator
+
+
+def deepspeed_plugin(accelerator: Accelerator):
+    """The active DeepSpeed plugin, or None when the run does not use DeepSpeed."""
+    if "DEEPSPEED" not in str(accelerator.distributed_type).upper():
+        return None
+    return accelerator.state.deepspeed_plugin
+
+
+def fill_deepspeed_config(accelerator: Accelerator, *, micro_batch_size: int, max_grad_norm: float) -> None:
+    """Fill the JSON's "auto" batch size and clipping from the run config (no-op without DeepSpeed), and refuse
+    ZeRO-3. Under DeepSpeed the engine clips inside `backward`; `train.max_grad_norm` reaches it through here."""
+    plugin = deepspeed_plugin(accelerator)
+    if plugin is None:
+        return
+    config = plugin.deepspeed_config
+    stage = int(config.get("zero_optimization", {}).get("stage", 0))
+    if stage not in SUPPORTED_ZERO_STAGES:
+        raise ConfigError(f"DeepSpeed ZeRO stage {stage} is not supported: it shards the module's weights, which "
+                          "the continual projection and basis capture need whole; use launch/deepspeed/zero2.json "
+                          "(stage 2) or zero1.json")
+    fills = {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_clipping": float(max_grad_norm)}
+    for key, value in fills.items():
+        if config.get(key, "auto") == "auto":
+            config[key] = value
+    if config.get("train_batch_size") == "auto":
+        config["train_batch_size"] = (config["train_micro_batch_size_per_gpu"] * accelerator.num_processes
+                                      * accelerator.gradient_accumulation_steps)

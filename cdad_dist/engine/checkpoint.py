@@ -22,6 +22,7 @@ from cdad_dist.errors import CheckpointError
 
 MANIFEST = "MANIFEST.json"
 STATE = "state.json"
+MODEL_WEIGHTS = "model.safetensors"
 STRATEGY = "strategy.pt"
 SCHEDULER = "scheduler.pt"
 _NAME = re.compile(r"^task(\d{3})-step(\d{7})(-end)?$")
@@ -54,8 +55,14 @@ def save_checkpoint(
     strategy_state: dict[str, Any],
     scheduler_state: dict[str, Any] | None,
     keep_last: int,
+    model=None,
 ) -> Path:
-    """Save model/optimizer/scheduler/RNG (via Accelerate), run state and strategy state; all ranks call this."""
+    """Save model/optimizer/scheduler/RNG (via Accelerate), run state and strategy state; all ranks call this.
+
+    `model.safetensors` (the full weights, what `--resume`, `cdad predict` and reports read) is written by
+    `save_state` under DDP; under DeepSpeed `save_state` writes the engine's own layout instead, so the weights
+    are added from `model` (the prepared engine) with `save_model`.
+    """
     name = checkpoint_name(task, step, task_end)
     final = ckpt_root / name
     tmp = ckpt_root / f".tmp-{name}"
@@ -67,6 +74,9 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
+    if model is not None and not (tmp / MODEL_WEIGHTS).exists():
+        accelerator.save_model(model, str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         torch.save(strategy_state, tmp / STRATEGY)
         if scheduler_state is not None:

@@ -26,7 +26,7 @@ from cdad_dist.data.perturb import NSAPerturber
 from cdad_dist.data.sequences import resolve_sequence
 from cdad_dist.data.shards import manifest_classes
 from cdad_dist.data.stream import StreamConfig, eval_stream, steps_per_epoch, train_stream
-from cdad_dist.engine.accel import make_accelerator
+from cdad_dist.engine.accel import fill_deepspeed_config, make_accelerator
 from cdad_dist.engine.checkpoint import (
     CheckpointRef,
     latest_checkpoint,
@@ -40,6 +40,7 @@ from cdad_dist.engine.run_dir import prepare_run_dir
 from cdad_dist.errors import ConfigError
 from cdad_dist.eval.evaluator import Evaluator
 from cdad_dist.eval.matrix import AccuracyMatrix
+from cdad_dist.faults import fault_point
 from cdad_dist.models.presets import build_model, resolve_config
 
 
@@ -175,8 +176,10 @@ class ContinualTrainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(cfg.train.warmup_steps, steps, cfg.train.lr_schedule)
         )
-        acc.free_memory()
+        acc.free_memory()  # also destroys the previous task's DeepSpeed engine
+        fill_deepspeed_config(acc, micro_batch_size=cfg.data.batch_size, max_grad_norm=cfg.train.max_grad_norm)
         ddp_model, optimizer = acc.prepare(self.model, optimizer)
+        self.wrapped_model = ddp_model
         self.scheduler = scheduler
         if resuming_here:
             acc.load_state(str(self.resume_from.path))
@@ -187,9 +190,17 @@ class ContinualTrainer:
         if not (resuming_here and self.position.task_done):
             self.train_task(t, ddp_model, optimizer, scheduler, trainable, steps, start_step)
             self.save(t, steps, task_end=False, training_done=True)
-        capture_forward = make_capture_forward(
+        forward = make_capture_forward(
             self.model, cfg.continual.capture, cfg.eval.reconstruction, acc.process_index, acc.device
         )
+        captured = 0
+
+        def capture_forward(batch: dict) -> None:
+            nonlocal captured
+            fault_point("capture", t, captured, acc.process_index)
+            captured += 1
+            forward(batch)
+
         self.strategy.end_task(t, self.model, self.capture_batches(classes), capture_forward, acc)
         for cls, metrics in self.evaluator.evaluate(self.model, self.seen_classes(t), after_task=t).items():
             for metric, value in metrics.items():
@@ -227,6 +238,7 @@ class ContinualTrainer:
         bar = tqdm(range(start_step, steps), desc=f"task {t}", disable=not acc.is_local_main_process, initial=start_step, total=steps)
         tick = time.perf_counter()
         for step in bar:
+            fault_point("train", t, step, acc.process_index)
             info = self.train_step(ddp_model, optimizer, scheduler, trainable, batches, t, step)
             bad_in_a_row = 0 if info["finite"] else bad_in_a_row + 1
             if bad_in_a_row > cfg.train.max_bad_steps:
@@ -248,7 +260,12 @@ class ContinualTrainer:
                 self.save(t, step + 1, task_end=False)
 
     def train_step(self, ddp_model, optimizer, scheduler, trainable, batches, t: int, step: int) -> dict[str, Any]:
-        """One optimizer step: `grad_accum` micro-batches, clipping, the strategy's hooks around the step."""
+        """One optimizer step: `grad_accum` micro-batches, clipping, the strategy's hooks around the step.
+
+        Under DeepSpeed, Accelerate clips and steps the engine inside `backward` of the last micro-batch, and
+        `clip_grad_norm_`/`optimizer.step()`/`zero_grad()` are no-ops; the strategy's hooks are therefore placed
+        before that backward and after it, which brackets the real step under every backend.
+        """
         acc, cfg = self.accelerator, self.cfg
         totals: dict[str, float] = {}
         finite_all = True
@@ -261,14 +278,14 @@ class ContinualTrainer:
                 )
                 # Every rank must take the same decision, or DDP's collectives would hang.
                 finite = acc.reduce(torch.isfinite(out["loss"].detach()).float().reshape(1), "min").item() > 0
+                finite_all = finite_all and finite
+                if acc.sync_gradients and finite_all:
+                    self.strategy.before_optimizer_step(self.model)
                 if finite:
                     acc.backward(out["loss"])
-                else:
-                    finite_all = False
                 if acc.sync_gradients:
                     if finite_all:
                         acc.clip_grad_norm_(trainable, cfg.train.max_grad_norm)
-                        self.strategy.before_optimizer_step(self.model)
                         optimizer.step()
                         self.strategy.after_optimizer_step(self.model)
                         scheduler.step()
@@ -316,6 +333,7 @@ class ContinualTrainer:
             strategy_state=self.strategy.state_dict(),
             scheduler_state=self.scheduler.state_dict() if self.scheduler is not None else None,
             keep_last=self.cfg.train.keep_last,
+            model=getattr(self, "wrapped_model", None),
         )
 
     def strategy_summary(self) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from cdad_dist.eval.anomaly_map import extractor_from_config
 from cdad_dist.eval.metrics import ClassMetricAccumulator
 from cdad_dist.eval.report import save_heatmap_grid, write_report
 from cdad_dist.eval.scoring import batch_generator, score_batch
+from cdad_dist.faults import fault_point
 
 
 class _Examples:
@@ -82,6 +83,7 @@ class Evaluator:
         )
         seed = self.cfg.reconstruction.seed
         for index, batch in enumerate(stream):
+            fault_point("eval", after_task, index, acc.process_index)
             x = batch["image"].to(acc.device)
             # Evaluation noise depends on (seed, task, rank, batch) only: re-running an evaluation repeats it.
             generator = batch_generator((seed * 1009 + after_task) * 9973 + acc.process_index, index)
