@@ -66,6 +66,9 @@ class TrainConfig:
     keep_last: int = 2  # mid-task checkpoints kept (task-end checkpoints are always kept)
     log_every: int = 25
     max_bad_steps: int = 20  # consecutive non-finite losses before the run stops
+    # Start from another run's task-end checkpoint (its run dir = its newest task end, or a checkpoint dir) whose
+    # tasks are a prefix of this run's: e.g. several continual strategies from one trained base task.
+    init_from: str | None = None
 
 
 @dataclass

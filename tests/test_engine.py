@@ -143,3 +143,28 @@ def test_two_process_cpu_launch_trains_and_resumes(tmp_path, demo_root):
     assert [r.task for r in refs if r.task_end] == [0, 1]
     # Both ranks saved their RNG state: the run really had two processes.
     assert (refs[-1].path / "random_states_1.pkl").exists()
+
+
+def test_init_from_another_runs_base_task(tmp_path, demo_root):
+    """Several strategies can share one trained base task: weights and row 0 come from it, CDAD builds its bases."""
+    base = micro_overrides(tmp_path, demo_root, name="base", extra=["continual.strategy=naive", "tasks=0:1"])
+    train(load_config(None, base))
+    base_dir = tmp_path / "runs" / "base"
+    forked = micro_overrides(tmp_path, demo_root, name="forked",
+                             extra=["continual.strategy=cdad", f"train.init_from={base_dir}"])
+    matrix = train(load_config(None, forked))
+    base_end = list_checkpoints(base_dir / "checkpoints")[-1]
+    assert matrix["values"]["image_auroc"]["0"] == json.loads((base_end.path / "state.json").read_text())["matrix"][
+        "values"]["image_auroc"]["0"]
+    refs = list_checkpoints(tmp_path / "runs" / "forked" / "checkpoints")
+    assert [r.task for r in refs if r.task_end] == [1]
+    strategy_state = torch.load(refs[-1].path / "strategy.pt", weights_only=False)
+    assert strategy_state["tasks_done"] == 2 and [h["task"] for h in strategy_state["history"]] == [0, 1]
+
+    other_sequence = micro_overrides(tmp_path, demo_root, name="bad", extra=[
+        f"train.init_from={base_dir}", "sequence=[[demo/bottle], [demo/carpet]]"])
+    with pytest.raises(CheckpointError, match="not a proper prefix"):
+        train(load_config(None, other_sequence))
+    with pytest.raises(CheckpointError, match="no task-end checkpoint"):
+        train(load_config(None, micro_overrides(tmp_path, demo_root, name="bad2",
+                                                extra=[f"train.init_from={tmp_path / 'nowhere'}"])))

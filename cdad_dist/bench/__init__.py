@@ -13,6 +13,10 @@ BENCHMARKS = {
     "isvd": "cdad_dist.bench.isvd",
     "projection": "cdad_dist.bench.projection",
     "inference": "cdad_dist.bench.inference",
+    "continual": "cdad_dist.bench.continual",
+    "throughput": "cdad_dist.bench.throughput",
+    "basis": "cdad_dist.bench.basis",
+    "storage": "cdad_dist.bench.storage",
 }
 
 

@@ -35,7 +35,8 @@ from cdad_dist.data.stream import eval_stream
 from cdad_dist.engine.checkpoint import read_state
 from cdad_dist.errors import CheckpointError
 from cdad_dist.eval.metrics import ClassMetricAccumulator
-from cdad_dist.eval.predict import LoadedRun, load_run, select_task_end
+from cdad_dist.engine.checkpoint import select_task_end
+from cdad_dist.eval.predict import LoadedRun, load_run
 from cdad_dist.eval.scoring import batch_generator, score_batch
 from cdad_dist.eval.reconstruct import ReconstructionConfig
 

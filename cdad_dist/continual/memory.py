@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from cdad_dist.continual.sketches import SketchFactors, rank_for_energy
+from cdad_dist.continual.sketches import SketchFactors, rank_for_energy, stable_svd
 from cdad_dist.continual.store import compact_form
 from cdad_dist.errors import ConfigError
 
@@ -89,7 +89,7 @@ def gpm_merge(U_old: Tensor | None, factors: SketchFactors, gamma: float,
     if need > 0 and k_old < d:
         R = B - P @ coeff
         R = R - P @ (P.mT @ R)  # second Gram-Schmidt pass: P may be orthonormal only to float32 accuracy
-        Ur, Sr, _ = torch.linalg.svd(R, full_matrices=False)
+        Ur, Sr, _ = stable_svd(R)
         r = min(rank_for_energy(Sr ** 2, need, 1.0), d - k_old)  # smallest r with Σσ² ≥ need
         captured_add = float((Sr[:r] ** 2).sum())
     merged = P if r == 0 else _qr_keep_signs(torch.cat([P, Ur[:, :r]], dim=1))
@@ -215,6 +215,6 @@ def eq6_merge(U_old: Tensor | None, X: Tensor, gamma: float, out_dtype: torch.dt
         M = torch.cat([U_old.detach().to(device=M.device, dtype=torch.float64), M], dim=1)
     if M.shape[1] == 0:
         return M.to(out_dtype)
-    U, S, _ = torch.linalg.svd(M, full_matrices=False)
+    U, S, _ = stable_svd(M)
     k = rank_for_energy(S ** 2, float((S ** 2).sum()), gamma)
     return U[:, :k].to(out_dtype)

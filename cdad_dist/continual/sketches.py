@@ -30,6 +30,18 @@ SKETCH_KINDS = ("auto", "isvd", "isvd_paper", "gram")
 _F64 = 8
 
 
+def stable_svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Economy SVD that survives LAPACK's gesdd giving up ("failed to converge"), which happens on CPU for
+    ill-conditioned float32 blocks of real activations: retried in float64, results cast back."""
+    try:
+        return torch.linalg.svd(matrix, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        if matrix.dtype == torch.float64:
+            raise
+        U, S, Vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+        return U.to(matrix.dtype), S.to(matrix.dtype), Vh.to(matrix.dtype)
+
+
 def rank_for_energy(energies: Tensor, total: float, gamma: float) -> int:
     """Smallest k with sum(energies[:k]) ≥ gamma·total (energies sorted descending); len(energies) if never.
 
@@ -154,15 +166,13 @@ class Sketch(ABC):
 
 
 class GramSketch(Sketch):
-    """Exact X·Xᵀ in float64. Memory 8·d² bytes; merge = sum; result = one eigh (cached)."""
+    """X·Xᵀ accumulated in float64. Memory 8·d² bytes; merge = sum; result = one eigh (cached)."""
 
     kind = "gram"
 
-    def __init__(self, d: int, device: torch.device | str | None = None, chunk_bytes: int = 64 << 20) -> None:
+    def __init__(self, d: int, device: torch.device | str | None = None) -> None:
         super().__init__(d, device)
         self._G: Tensor | None = None
-        # Upcasting a whole block to float64 would double its size; chunks bound that temporary.
-        self._chunk_cols = max(1, chunk_bytes // (_F64 * self.d))
         self._eig: tuple[Tensor, Tensor] | None = None
 
     def _gram(self) -> Tensor:
@@ -171,13 +181,16 @@ class GramSketch(Sketch):
         return self._G
 
     def _update(self, block: Tensor) -> None:
+        """G += X·Xᵀ. One block's product is formed in the block's precision (float32 for float32 activations:
+        a float64 GEMM costs 2–4× more on CPUs and the product of one block, a sum of a few thousand terms, is
+        exact to ~1e-6 relative), and blocks are summed in float64, where the error would otherwise grow."""
         G = self._gram()
         block = block.to(G.device)
-        for start in range(0, block.shape[1], self._chunk_cols):
-            X = block[:, start:start + self._chunk_cols].to(torch.float64)
-            G.addmm_(X, X.mT)
-            # Held: G, plus the float64 copy of the chunk unless the block already is float64 (then X is a view).
-            self._note_peak(_bytes(G) + (0 if block.dtype == torch.float64 else _bytes(X)))
+        if block.dtype in (torch.float16, torch.bfloat16):
+            block = block.float()
+        G.add_(block @ block.mT)
+        # Held: G and the block's d × d product (before it is added).
+        self._note_peak(_bytes(G) + self.d * self.d * block.element_size())
         self._eig = None
 
     def gram(self) -> Tensor:
@@ -274,7 +287,7 @@ class IsvdSketch(Sketch):
         matrix = matrix.to(device=self.device, dtype=self.dtype)
         scaled = self._scaled()
         C = matrix if scaled is None else torch.cat([scaled, matrix], dim=1)
-        U, S, Vh = torch.linalg.svd(C, full_matrices=False)
+        U, S, Vh = stable_svd(C)
         self._note_peak(self.nbytes() + _bytes(C, U, S, Vh) + (_bytes(scaled) if scaled is not None else 0))
         del Vh, C, scaled
         energies = (S.to(torch.float64) ** 2).cpu()
@@ -339,7 +352,7 @@ class IsvdPaperSketch(Sketch):
     def _fold(self, matrix: Tensor) -> None:
         matrix = matrix.to(device=self.device, dtype=self.dtype)
         C = matrix if self._U is None else torch.cat([self._U, matrix], dim=1)
-        U, S, Vh = torch.linalg.svd(C, full_matrices=False)
+        U, S, Vh = stable_svd(C)
         self._note_peak(self.nbytes() + _bytes(C, U, S, Vh))
         energies = S.to(torch.float64) ** 2
         k = rank_for_energy(energies, float(energies.sum()), self.gamma)

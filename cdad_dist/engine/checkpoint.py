@@ -155,3 +155,37 @@ def read_scheduler_state(path: Path) -> dict[str, Any] | None:
 
 def read_strategy_state(path: Path) -> dict[str, Any]:
     return torch.load(path / STRATEGY, map_location="cpu", weights_only=False)
+
+
+def select_task_end(run_dir: str | Path, task: str | int = "latest") -> CheckpointRef:
+    """The task-end checkpoint of ``task`` ("latest" = the newest one); CheckpointError naming the run otherwise."""
+    run_dir = Path(run_dir)
+    ends = [ref for ref in list_checkpoints(run_dir / "checkpoints") if ref.task_end]
+    if not ends:
+        raise CheckpointError(f"{run_dir}: no task-end checkpoint in {run_dir / 'checkpoints'} "
+                              "(has the run finished its first task?)")
+    if str(task) == "latest":
+        return ends[-1]
+    try:
+        index = int(task)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{run_dir}: --task must be 'latest' or a task index, got {task!r}") from None
+    matches = [ref for ref in ends if ref.task == index]
+    if not matches:
+        raise CheckpointError(f"{run_dir}: no task-end checkpoint for task {index}; "
+                              f"finished tasks: {sorted({ref.task for ref in ends})}")
+    return matches[-1]
+
+
+def resolve_task_end(path: str | Path) -> CheckpointRef:
+    """A run directory (its newest task end) or one task-end checkpoint directory, verified."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir() or not path.exists():
+        ref = select_task_end(path, "latest")
+    else:
+        match = _NAME.match(path.name)
+        if not match or not match[3]:
+            raise CheckpointError(f"{path}: not a run directory nor a task-end checkpoint (taskNNN-stepNNNNNNN-end)")
+        ref = CheckpointRef(path, int(match[1]), int(match[2]), True)
+    verify_checkpoint(ref.path)
+    return ref

@@ -33,11 +33,12 @@ from cdad_dist.engine.checkpoint import (
     read_scheduler_state,
     read_state,
     read_strategy_state,
+    resolve_task_end,
     save_checkpoint,
 )
 from cdad_dist.engine.data_prep import ensure_shards
 from cdad_dist.engine.run_dir import prepare_run_dir
-from cdad_dist.errors import ConfigError
+from cdad_dist.errors import CheckpointError, ConfigError
 from cdad_dist.eval.evaluator import Evaluator
 from cdad_dist.eval.matrix import AccuracyMatrix
 from cdad_dist.faults import fault_point
@@ -119,6 +120,9 @@ class ContinualTrainer:
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         self.resume_from: CheckpointRef | None = latest_checkpoint(self.ckpt_root, self.log) if resume else None
         self.position = self._restore(self.resume_from) if self.resume_from else Position()
+        self.replay_tasks: list[int] = []  # finished tasks of an init_from run whose end_task this strategy replays
+        if self.resume_from is None and cfg.train.init_from:
+            self.position = self._init_from(cfg.train.init_from)
 
     # ------------------------------------------------------------------ resume
     def _restore(self, ref: CheckpointRef) -> Position:
@@ -133,8 +137,39 @@ class ContinualTrainer:
             return Position(task=ref.task + 1, step=0)
         return Position(task=ref.task, step=ref.step, task_done=state.get("training_done", False))
 
+    def _init_from(self, source: str) -> Position:
+        """Start after another run's task end: its weights and accuracy rows, then this run's strategy replays
+        `end_task` for the finished tasks (for CDAD: the basis of each on its own images, with these weights; exact
+        for one finished task, the usual case of a shared base task)."""
+        if self.cfg.continual.strategy == "joint":
+            raise ConfigError("train.init_from: a joint run trains every class as one task and cannot start "
+                              "after another run's task")
+        ref = resolve_task_end(source)
+        state = read_state(ref.path)
+        done = ref.task + 1
+        finished = (state.get("tasks") or [])[:done]
+        if finished != self.tasks[:done] or done >= len(self.tasks):
+            raise CheckpointError(f"train.init_from={source}: its finished tasks {finished} are not a proper prefix "
+                                  f"of this run's tasks {self.tasks}")
+        if state.get("model_preset") != self.cfg.model.preset:
+            raise CheckpointError(f"train.init_from={source}: model preset {state.get('model_preset')!r}, this run "
+                                  f"uses {self.cfg.model.preset!r}")
+        weights = ref.path / "model.safetensors"
+        try:
+            self.model.load_state_dict(load_file(str(weights)), strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{weights}: does not fit this run's model: {str(exc).splitlines()[0]}") from None
+        self.matrix = AccuracyMatrix.from_dict(state["matrix"])
+        self.global_step = state["global_step"]
+        self.replay_tasks = list(range(done))
+        self.log(f"starting after task {ref.task} of {ref.path}")
+        return Position(task=done)
+
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict[str, Any]:
+        for t in self.replay_tasks:
+            self.strategy.end_task(t, self.model, self.capture_batches(self.tasks[t]), self.capture_forward(t),
+                                   self.accelerator)
         for t in task_slice(self.cfg.tasks, len(self.tasks)):
             if t < self.position.task:
                 continue
@@ -190,18 +225,7 @@ class ContinualTrainer:
         if not (resuming_here and self.position.task_done):
             self.train_task(t, ddp_model, optimizer, scheduler, trainable, steps, start_step)
             self.save(t, steps, task_end=False, training_done=True)
-        forward = make_capture_forward(
-            self.model, cfg.continual.capture, cfg.eval.reconstruction, acc.process_index, acc.device
-        )
-        captured = 0
-
-        def capture_forward(batch: dict) -> None:
-            nonlocal captured
-            fault_point("capture", t, captured, acc.process_index)
-            captured += 1
-            forward(batch)
-
-        self.strategy.end_task(t, self.model, self.capture_batches(classes), capture_forward, acc)
+        self.strategy.end_task(t, self.model, self.capture_batches(classes), self.capture_forward(t), acc)
         for cls, metrics in self.evaluator.evaluate(self.model, self.seen_classes(t), after_task=t).items():
             for metric, value in metrics.items():
                 self.matrix.record(metric, t, cls, value)
@@ -296,6 +320,21 @@ class ContinualTrainer:
         return totals
 
     # ------------------------------------------------------------------ basis capture
+    def capture_forward(self, t: int) -> Callable[[dict], None]:
+        acc = self.accelerator
+        forward = make_capture_forward(
+            self.model, self.cfg.continual.capture, self.cfg.eval.reconstruction, acc.process_index, acc.device
+        )
+        captured = 0
+
+        def capture_forward(batch: dict) -> None:
+            nonlocal captured
+            fault_point("capture", t, captured, acc.process_index)
+            captured += 1
+            forward(batch)
+
+        return capture_forward
+
     def capture_batches(self, classes: list[str]):
         cap = self.cfg.continual.capture
         return eval_stream(

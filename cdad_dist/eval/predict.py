@@ -45,7 +45,7 @@ from safetensors.torch import load_file
 from cdad_dist.atomic import sha256_file, write_json_atomic
 from cdad_dist.config import RunConfig, load_config
 from cdad_dist.data.images import read_rgb
-from cdad_dist.engine.checkpoint import MANIFEST, CheckpointRef, list_checkpoints
+from cdad_dist.engine.checkpoint import MANIFEST, CheckpointRef, select_task_end
 from cdad_dist.errors import CdadError, CheckpointError
 from cdad_dist.eval.anomaly_map import extractor_from_config
 from cdad_dist.eval.scoring import ScoredBatch, batch_generator, score_batch
@@ -73,26 +73,6 @@ class LoadedRun:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def select_task_end(run_dir: str | Path, task: str | int = "latest") -> CheckpointRef:
-    """The task-end checkpoint of ``task`` ("latest" = the newest one); CheckpointError naming the run otherwise."""
-    run_dir = Path(run_dir)
-    ends = [ref for ref in list_checkpoints(run_dir / "checkpoints") if ref.task_end]
-    if not ends:
-        raise CheckpointError(f"{run_dir}: no task-end checkpoint in {run_dir / 'checkpoints'} "
-                              "(has the run finished its first task?)")
-    if str(task) == "latest":
-        return ends[-1]
-    try:
-        index = int(task)
-    except (TypeError, ValueError):
-        raise CheckpointError(f"{run_dir}: --task must be 'latest' or a task index, got {task!r}") from None
-    matches = [ref for ref in ends if ref.task == index]
-    if not matches:
-        raise CheckpointError(f"{run_dir}: no task-end checkpoint for task {index}; "
-                              f"finished tasks: {sorted({ref.task for ref in ends})}")
-    return matches[-1]
 
 
 def _verify_weights(ref: CheckpointRef) -> Path:
