@@ -179,3 +179,22 @@ def test_empty_sketches_give_empty_bases():
         assert sketch.basis(GAMMA).shape == (6, 0)
         sketch.update(torch.zeros(6, 0))
         assert sketch.n_columns == 0
+
+
+def test_stable_svd_retries_in_float64_when_lapack_gives_up(monkeypatch):
+    from cdad_dist.continual import sketches
+
+    real_svd = torch.linalg.svd
+    calls = []
+
+    def flaky_svd(matrix, full_matrices=True):
+        calls.append(matrix.dtype)
+        if matrix.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real_svd(matrix, full_matrices=full_matrices)
+
+    monkeypatch.setattr(torch.linalg, "svd", flaky_svd)
+    M = torch.randn(6, 4)
+    U, S, Vh = sketches.stable_svd(M)
+    assert calls == [torch.float32, torch.float64] and U.dtype == torch.float32
+    torch.testing.assert_close(U @ torch.diag(S) @ Vh, M, atol=1e-5, rtol=1e-5)

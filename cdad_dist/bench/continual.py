@@ -59,6 +59,7 @@ class ContinualBenchConfig:
     capture_images: int | float | None = None  # None: demo.yaml's continual.capture.images
     seed: int = 0
     share_base_task: bool = True
+    extra_overrides: list[str] = field(default_factory=list)  # any `--set` override, e.g. a smaller model
 
     @classmethod
     def quick(cls) -> ContinualBenchConfig:
@@ -81,7 +82,7 @@ def _common_overrides(cfg: ContinualBenchConfig, work: Path) -> list[str]:
         out.append(f"eval.max_test_per_class={cfg.max_test_per_class}")
     if cfg.capture_images is not None:
         out.append(f"continual.capture.images={cfg.capture_images}")
-    return out
+    return out + list(cfg.extra_overrides)
 
 
 def _tag(overrides: list[str]) -> str:

@@ -1,0 +1,70 @@
+"""`cdad bench continual`: the study's arithmetic on hand-made matrices, and one end-to-end run on a micro model."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from cdad_dist.bench.continual import ContinualBenchConfig, run, summarise, summary_line
+from cdad_dist.data.demo import make_demo_dataset
+from cdad_dist.errors import ConfigError
+from cdad_dist.eval.matrix import AccuracyMatrix
+from engine_utils import MICRO_OVERRIDES
+
+
+def _matrix(rows: dict[int, dict[str, float]]) -> AccuracyMatrix:
+    m = AccuracyMatrix()
+    for t, row in rows.items():
+        for cls, value in row.items():
+            for metric in ("image_auroc", "pixel_auroc"):
+                m.record(metric, t, cls, value)
+    return m
+
+
+def test_targets_are_computed_from_the_matrices():
+    naive = _matrix({0: {"a": 1.0}, 1: {"a": 0.6, "b": 1.0}})  # forgets 40 points
+    cdad = _matrix({0: {"a": 1.0}, 1: {"a": 0.95, "b": 0.9}})  # forgets 5
+    joint = _matrix({0: {"a": 1.0, "b": 0.96}})
+    out = summarise({"naive": naive, "cdad": cdad, "joint": joint})
+    assert out["strategies"]["naive"]["image_auroc"]["FM"] == pytest.approx(40.0)
+    assert out["strategies"]["cdad"]["image_auroc"]["A"] == pytest.approx(92.5)
+    assert out["targets"]["fm_ratio_image"] == pytest.approx(5 / 40)
+    assert out["targets"]["fm_ratio_met"] is True
+    assert out["targets"]["a_minus_joint_points_image"] == pytest.approx(92.5 - 98.0)
+    assert out["targets"]["joint_gap_met"] is False
+    assert math.isnan(out["strategies"]["joint"]["image_auroc"]["FM"])
+    line = summary_line(out)
+    assert "FM(cdad)/FM(naive) = 0.125" in line and "NOT MET" in line
+
+
+def test_a_baseline_that_does_not_forget_cannot_meet_the_ratio_target():
+    flat = _matrix({0: {"a": 0.9}, 1: {"a": 0.9, "b": 0.9}})
+    out = summarise({"naive": flat, "cdad": flat})
+    assert out["targets"]["fm_ratio_met"] is False and math.isnan(out["targets"]["fm_ratio_image"])
+
+
+def test_unknown_strategy_is_refused():
+    with pytest.raises(ConfigError, match="unknown strategies"):
+        ContinualBenchConfig(strategies=["naive", "ewc"])
+
+
+@pytest.mark.slow
+def test_end_to_end_on_a_micro_model_writes_json_table_and_figure(tmp_path):
+    micro = [o for o in MICRO_OVERRIDES if not o.startswith(("sequence=", "train.base_steps", "train.incremental"))]
+    micro.append("eval.anomaly_map.input_size=null")  # the demo's 224-px extractor input costs time for nothing here
+    # A small copy of the six-class demo data where the benchmark looks for it (it generates the full one otherwise).
+    make_demo_dataset(tmp_path / "demo_data", size=32, n_train=8, n_test_good=2, n_test_bad=2)
+    cfg = ContinualBenchConfig(base_steps=2, incremental_steps=2, max_test_per_class=2, capture_images=2,
+                               extra_overrides=micro)
+    result = run(True, tmp_path, cfg=cfg, log=lambda *a: None)
+    assert set(result["strategies"]) == {"naive", "cdad", "cdad-grad", "cdad-paper", "joint"}
+    assert result["train_seconds"]["base_task"] is not None
+    saved = json.loads((tmp_path / "continual.json").read_text())
+    assert saved["summary"] == result["summary"] and "FM(cdad)/FM(naive)" in saved["summary"]
+    assert (tmp_path / "continual.md").read_text().count("|") > 20 and (tmp_path / "continual.png").stat().st_size
+    # The four continual strategies started from the one shared base task, whose row 0 they all report.
+    rows = {name: r["image_auroc"]["steps"][0] for name, r in result["strategies"].items() if name != "joint"}
+    assert len(set(rows.values())) == 1
+    again = run(True, tmp_path, cfg=cfg, log=lambda *a: None)  # finished runs are reused, not retrained
+    assert all(v is None for v in again["train_seconds"].values())
