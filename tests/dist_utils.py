@@ -152,3 +152,24 @@ def run_script_distributed(argv: Sequence[str], world_size: int = 2, *, env: dic
                 f"{done[r].stdout[-4000:]}\n{done[r].stderr[-8000:]}" for r in bad]
         raise DistributedTestError("\n".join(msgs))
     return done
+
+
+def accelerate_launch_cmd(config_file: Path, script: Path, overrides: Sequence[str] = ()) -> list[str]:
+    """`accelerate launch --config_file CONFIG --main_process_port <free> SCRIPT --set k=v ...` as an argv list."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
+           "--main_process_port", str(free_port()), str(script)]
+    for item in overrides:
+        cmd += ["--set", item]
+    return cmd
+
+
+def run_first_task_then_resume(cmd: list[str], cwd: Path, timeout: float = 600) -> tuple[subprocess.CompletedProcess,
+                                                                                           subprocess.CompletedProcess]:
+    """Run `cmd --tasks 0:1`, then `cmd --resume` (one OpenMP thread per rank); both must succeed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = []
+    for extra in (["--tasks", "0:1"], ["--resume"]):
+        proc = subprocess.run(cmd + extra, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, f"{' '.join(extra)}: {proc.stderr[-3000:]}"
+        runs.append(proc)
+    return runs[0], runs[1]

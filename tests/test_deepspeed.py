@@ -8,8 +8,6 @@ environment `accelerate launch --config_file launch/deepspeed-zero2.yaml` sets),
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("deepspeed")
 
-from dist_utils import free_port, run_distributed  # noqa: E402
+from dist_utils import accelerate_launch_cmd, run_distributed, run_first_task_then_resume  # noqa: E402
 from engine_utils import make_small_demo, micro_overrides  # noqa: E402
 from test_projection import (FROZEN, GAMMA, Net, assert_protected, batches_of, leak_and_bound,  # noqa: E402
                              noisy_images, record_inputs, smooth_images)
@@ -114,16 +112,8 @@ def test_engine_trains_resumes_and_evaluates_under_deepspeed_zero2(tmp_path):
     """`accelerate launch --config_file launch/deepspeed-zero2.yaml train.py`: 2 ranks, a task, then --resume."""
     demo = make_small_demo(tmp_path / "demo_data")
     overrides = micro_overrides(tmp_path, demo, name="zero2", extra=["train.checkpoint_every=2"])
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(REPO / "launch" / "deepspeed-zero2.yaml"), "--main_process_port", str(free_port()),
-           str(REPO / "train.py")]
-    for item in overrides:
-        cmd += ["--set", item]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.run(cmd + ["--tasks", "0:1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = subprocess.run(cmd + ["--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stderr[-3000:]
+    cmd = accelerate_launch_cmd(REPO / "launch" / "deepspeed-zero2.yaml", REPO / "train.py", overrides)
+    _, second = run_first_task_then_resume(cmd, cwd=REPO)  # the yaml names its JSON relative to the repo
     from cdad_dist.engine.checkpoint import list_checkpoints, verify_checkpoint
 
     refs = list_checkpoints(tmp_path / "runs" / "zero2" / "checkpoints")

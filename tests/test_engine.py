@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +12,7 @@ from cdad_dist.config import load_config
 from cdad_dist.engine.checkpoint import list_checkpoints, latest_checkpoint, verify_checkpoint
 from cdad_dist.engine.trainer import ContinualTrainer, train
 from cdad_dist.errors import CheckpointError
-from dist_utils import free_port
+from dist_utils import accelerate_launch_cmd, run_first_task_then_resume
 from engine_utils import make_small_demo, micro_overrides
 
 REPO = Path(__file__).resolve().parent.parent
@@ -126,17 +123,8 @@ def test_corrupt_checkpoint_is_skipped_on_resume(tmp_path, demo_root):
 def test_two_process_cpu_launch_trains_and_resumes(tmp_path, demo_root):
     """`accelerate launch --config_file launch/cpu-2proc.yaml train.py` really runs 2 ranks, and resumes."""
     overrides = micro_overrides(tmp_path, demo_root, name="ddp", extra=["train.checkpoint_every=2"])
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / "cpu-2proc.yaml"),
-        "--main_process_port", str(free_port()), str(REPO / "train.py"),
-    ]
-    for item in overrides:
-        cmd += ["--set", item]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.run(cmd + ["--tasks", "0:1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stderr[-3000:]
+    cmd = accelerate_launch_cmd(REPO / "launch" / "cpu-2proc.yaml", REPO / "train.py", overrides)
+    _, second = run_first_task_then_resume(cmd, cwd=tmp_path)
     run_dir = tmp_path / "runs" / "ddp"
     assert "resuming from task000" in second.stdout
     refs = list_checkpoints(run_dir / "checkpoints")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from cdad_dist.engine.checkpoint import latest_checkpoint, list_checkpoints
-from dist_utils import free_port
+from dist_utils import accelerate_launch_cmd
 from engine_utils import make_small_demo, micro_overrides
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,10 +26,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 def _launch(tmp: Path, demo: Path, name: str, *, fault: str | None = None, resume: bool = False):
     overrides = micro_overrides(tmp, demo, name=name, extra=["train.checkpoint_every=2", "continual.strategy=cdad"])
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / "cpu-2proc.yaml"),
-           "--main_process_port", str(free_port()), str(REPO / "train.py")]
-    for item in overrides:
-        cmd += ["--set", item]
+    cmd = accelerate_launch_cmd(REPO / "launch" / "cpu-2proc.yaml", REPO / "train.py", overrides)
     if resume:
         cmd.append("--resume")
     env = {k: v for k, v in os.environ.items() if k != "CDAD_FAULT"}

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import platform
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +31,36 @@ def run_benchmarks(name: str, *, quick: bool, out_dir: Path) -> dict[str, Any]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
+    machine = machine_info()
+    lines = [f"# cdad bench {name}{' --quick' if quick else ''}", "", f"Machine: {machine['summary']}", ""]
     for bench in names:
         module = importlib.import_module(BENCHMARKS[bench])
+        start = time.perf_counter()
         results[bench] = module.run(quick, out_dir / bench)
+        seconds = time.perf_counter() - start
+        if isinstance(results[bench], dict):
+            results[bench].setdefault("machine", machine)
+            results[bench]["bench_seconds"] = seconds
         (out_dir / f"{bench}.json").write_text(json.dumps(results[bench], indent=2, default=str))
+        summary = results[bench].get("summary", "") if isinstance(results[bench], dict) else ""
+        lines.append(f"- `{bench}` ({seconds:.0f} s): {summary}")
+        # Rewritten after every benchmark: an interrupted `all` still leaves what it measured.
+        (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
     return results
+
+
+def machine_info() -> dict[str, Any]:
+    """What the figures were measured on (for docs/benchmarks.md)."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    cores = os.cpu_count()
+    summary = f"{cpu}, {cores} cores, torch {torch.__version__}" + (f", GPU {gpu}" if gpu else ", no GPU")
+    return {"cpu": cpu, "cores": cores, "torch": torch.__version__, "gpu": gpu, "python": platform.python_version(),
+            "summary": summary}

@@ -16,16 +16,15 @@ random colour fields at the preset's size.
 from __future__ import annotations
 
 import os
-import socket
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
 from typing import Any
 
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+
+from cdad_dist.bench.ranks import run_ranks
 
 TARGET_RATIO = 1.5
 
@@ -51,17 +50,12 @@ def _images(n: int, size: int, seed: int) -> torch.Tensor:
     return F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=True).clamp(0, 1)
 
 
-def _worker(rank: int, world: int, port: int, cfg: dict, queue) -> None:
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "WORLD_SIZE": str(world)})
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+def _worker(rank: int, world: int, cfg: dict) -> dict:
     from cdad_dist.continual.capture import CaptureConfig, make_capture_forward
     from cdad_dist.continual.strategy import CDADStrategy, ContinualConfig
     from cdad_dist.eval.reconstruct import ReconstructionConfig
     from cdad_dist.models.presets import ModelConfig, build_model, resolve_config
 
-    if world > 1:
-        torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=600))
     model = build_model(ModelConfig(preset=cfg["preset"])).eval()
     size = resolve_config(model.model_config).image_size
     per_rank = cfg["images"] // world
@@ -110,25 +104,11 @@ def _worker(rank: int, world: int, port: int, cfg: dict, queue) -> None:
             times["capture"].append(capture_s)
         details = {"k_total": strategy.history[-1]["k_total"], "digest": strategy.history[-1]["digest"],
                    "sketches": sorted({i.get("sketch") for i in strategy.history[-1]["layers"].values()})}
-    queue.put({"rank": rank, "times": times, **details})
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    return {"times": times, **details}
 
 
 def _measure(world: int, cfg: BasisBenchConfig) -> dict[str, Any]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [ctx.Process(target=_worker, args=(r, world, port, asdict(cfg), queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    reports = sorted((queue.get(timeout=3600) for _ in procs), key=lambda x: x["rank"])
-    for p in procs:
-        p.join(timeout=60)
-    if any(p.exitcode != 0 for p in procs):
-        raise RuntimeError(f"basis bench: a {world}-rank worker failed (exit codes {[p.exitcode for p in procs]})")
+    reports = run_ranks(_worker, world, asdict(cfg), what=f"basis bench ({world} ranks)")
     # Barriers around each phase make every rank's time the slowest rank's; take rank 0's.
     t = reports[0]["times"]
     ratios = [b / i for b, i in zip(t["basis"], t["inference"])]

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import os
 import resource
-import socket
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
 from typing import Any
 
 import torch
-import torch.multiprocessing as mp
+
+from cdad_dist.bench.ranks import run_ranks
 
 # Dense bf16 tensor-core peaks (no sparsity), from the vendors' data sheets, by a substring of the device name.
 GPU_PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0,
@@ -57,15 +56,10 @@ def _step_fn(model, optimizer, images: torch.Tensor, generator: torch.Generator,
     return step
 
 
-def _cpu_worker(rank: int, world: int, port: int, cfg: dict, queue) -> None:
+def _cpu_worker(rank: int, world: int, cfg: dict) -> dict:
     """One rank: build the model, warm up, time ``steps`` steps; report wall time and peak RSS."""
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    threads = max(1, (os.cpu_count() or 1) // world)
-    torch.set_num_threads(threads)
     from cdad_dist.models.presets import ModelConfig, build_model, resolve_config
 
-    if world > 1:
-        torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
     model = build_model(ModelConfig(preset=cfg["preset"]))
     size = resolve_config(model.model_config).image_size
     trained = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -82,27 +76,12 @@ def _cpu_worker(rank: int, world: int, port: int, cfg: dict, queue) -> None:
         step()
     if world > 1:
         torch.distributed.barrier()
-    seconds = time.perf_counter() - t0
-    queue.put({"rank": rank, "seconds": seconds, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-               / 1024, "threads": threads, "image_size": size})
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    return {"seconds": time.perf_counter() - t0, "threads": torch.get_num_threads(), "image_size": size,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def _measure_cpu(world: int, cfg: ThroughputBenchConfig) -> dict[str, Any]:
-    ctx = mp.get_context("spawn")  # fresh processes: each configuration's peak RSS is its own
-    queue = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [ctx.Process(target=_cpu_worker, args=(r, world, port, asdict(cfg), queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    reports = [queue.get(timeout=1800) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
-    if any(p.exitcode != 0 for p in procs):
-        raise RuntimeError(f"throughput: a {world}-process worker failed (exit codes {[p.exitcode for p in procs]})")
+    reports = run_ranks(_cpu_worker, world, asdict(cfg), what=f"throughput ({world} processes)")
     seconds = max(r["seconds"] for r in reports)
     return {"processes": world, "threads_per_process": reports[0]["threads"], "image_size": reports[0]["image_size"],
             "images_per_s": world * cfg.batch * cfg.steps / seconds,
