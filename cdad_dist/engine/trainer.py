@@ -331,7 +331,8 @@ class ContinualTrainer:
             nonlocal captured
             fault_point("capture", t, captured, acc.process_index)
             captured += 1
-            forward(batch)
+            with acc.autocast():  # the run's compute dtype, as in training and evaluation
+                forward(batch)
 
         return capture_forward
 

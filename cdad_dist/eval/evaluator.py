@@ -87,7 +87,7 @@ class Evaluator:
             x = batch["image"].to(acc.device)
             # Evaluation noise depends on (seed, task, rank, batch) only: re-running an evaluation repeats it.
             generator = batch_generator((seed * 1009 + after_task) * 9973 + acc.process_index, index)
-            scored = score_batch(model, self.extractor, x, self.cfg, generator)
+            scored = score_batch(model, self.extractor, x, self.cfg, generator, autocast=acc.autocast)
             metric.update(scored.scores.cpu(), scored.maps.cpu(), batch["label"], batch["mask"])
             if acc.is_main_process:
                 examples.add(batch, scored.x_hat, scored.maps, scored.scores)

@@ -5,9 +5,10 @@ they report come from the same code.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, ContextManager
 
 import torch
 
@@ -38,17 +39,23 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def score_batch(model, extractor, x: torch.Tensor, eval_cfg: EvalConfig, generator: torch.Generator) -> ScoredBatch:
+def score_batch(model, extractor, x: torch.Tensor, eval_cfg: EvalConfig, generator: torch.Generator,
+                autocast: Callable[[], ContextManager] | None = None) -> ScoredBatch:
     """What the evaluator does per batch: x̂ = reconstruct(x), maps of φ(D(E(x))) vs φ(x̂), image scores.
 
+    ``autocast`` (e.g. ``accelerator.autocast``) gives the diffusion model the run's compute dtype (needed when
+    the weights themselves are bf16/fp16, as under DeepSpeed); the anomaly maps are computed in float32.
     Both stages are timed with ``perf_counter`` (synchronising CUDA first) so benchmarks use this very function.
     """
+    compute = autocast or contextlib.nullcontext
     _sync(x.device)
     t0 = time.perf_counter()
-    x_hat = reconstruct(model, x, eval_cfg.reconstruction, generator=generator)
+    with compute():
+        x_hat = reconstruct(model, x, eval_cfg.reconstruction, generator=generator).float()
     _sync(x.device)
     t1 = time.perf_counter()
-    x_ref = vae_roundtrip(model, x)
+    with compute():
+        x_ref = vae_roundtrip(model, x)
     maps, scores = anomaly_maps(extractor, x_ref.float(), x_hat.float(), eval_cfg.anomaly_map)
     _sync(x.device)
     t2 = time.perf_counter()
