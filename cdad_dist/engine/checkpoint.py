@@ -74,7 +74,9 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
-    if model is not None and not (tmp / MODEL_WEIGHTS).exists():
+    # Decided from the backend, identically on every rank: a file-existence check would race with the rank that
+    # writes the file and leave the ranks in different collectives (a hang).
+    if model is not None and "DEEPSPEED" in str(accelerator.distributed_type).upper():
         accelerator.save_model(model, str(tmp), safe_serialization=True)
         accelerator.wait_for_everyone()
     if accelerator.is_main_process:
