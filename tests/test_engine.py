@@ -153,6 +153,10 @@ def test_init_from_another_runs_base_task(tmp_path, demo_root):
         f"train.init_from={base_dir}", "sequence=[[demo/bottle], [demo/carpet]]"])
     with pytest.raises(CheckpointError, match="not a proper prefix"):
         train(load_config(None, other_sequence))
+    other_model = micro_overrides(tmp_path, demo_root, name="bad3", extra=[
+        f"train.init_from={base_dir}", "model.amn_depth=2"])
+    with pytest.raises(CheckpointError, match="does not fit this run's model"):
+        train(load_config(None, other_model))
     with pytest.raises(CheckpointError, match="no task-end checkpoint"):
         train(load_config(None, micro_overrides(tmp_path, demo_root, name="bad2",
                                                 extra=[f"train.init_from={tmp_path / 'nowhere'}"])))
