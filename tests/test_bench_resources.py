@@ -55,3 +55,11 @@ def test_every_benchmark_is_registered_and_unknown_names_are_refused(tmp_path):
     assert set(BENCHMARKS) == {"isvd", "projection", "inference", "continual", "throughput", "basis", "storage"}
     with pytest.raises(ConfigError, match="unknown benchmark"):
         run_benchmarks("nope", quick=True, out_dir=tmp_path)
+
+
+def test_peak_rss_is_this_process_own():
+    from cdad_dist.bench.throughput import peak_rss_mib
+
+    before = peak_rss_mib()
+    block = torch.ones(64 * 2 ** 20 // 4)  # 64 MiB, touched
+    assert peak_rss_mib() >= before + 50 and float(block[-1]) == 1.0

@@ -63,7 +63,9 @@ class ContinualBenchConfig:
 
     @classmethod
     def quick(cls) -> ContinualBenchConfig:
-        return cls(base_steps=400, incremental_steps=120, max_test_per_class=12, capture_images=12)
+        """A few minutes: the two targets' strategies only, small budgets (indicative, not the study)."""
+        return cls(strategies=["naive", "cdad", "joint"], base_steps=300, incremental_steps=100,
+                   max_test_per_class=10, capture_images=8)
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.strategies if s not in STRATEGIES]

@@ -77,7 +77,20 @@ def _cpu_worker(rank: int, world: int, cfg: dict) -> dict:
     if world > 1:
         torch.distributed.barrier()
     return {"seconds": time.perf_counter() - t0, "threads": torch.get_num_threads(), "image_size": size,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mib": peak_rss_mib()}
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries the parent's peak into a spawned
+    child across exec, so ru_maxrss would report the launching process's peak instead of the worker's."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _measure_cpu(world: int, cfg: ThroughputBenchConfig) -> dict[str, Any]:
