@@ -26,6 +26,7 @@ from cdad_dist.continual.projector import PROJECT_MODES, Projector
 from cdad_dist.continual.reducer import dist_info, reduce_and_finalize
 from cdad_dist.continual.sketches import SKETCH_KINDS, GramSketch, Sketch, SketchOptions, make_sketch
 from cdad_dist.continual.store import BasisStore, basis_dtype, compact_form
+from cdad_dist.engine.accel import zero_stage
 from cdad_dist.errors import CdadError, CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -192,10 +193,9 @@ class CDADStrategy(ContinualStrategy):
         if "FSDP" in kind:
             raise ConfigError("continual.strategy=cdad does not support FSDP (protected weights are sharded "
                               "flat parameters); use DDP or DeepSpeed ZeRO-2")
-        if "DEEPSPEED" not in kind:
+        stage = zero_stage(accelerator)
+        if stage is None:
             return False
-        plugin = accelerator.state.deepspeed_plugin
-        stage = int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
         if stage >= 3:
             raise ConfigError("continual.strategy=cdad does not support DeepSpeed ZeRO-3 (it shards the protected "
                               "weights); use ZeRO-1 or ZeRO-2 (launch/deepspeed/zero2.json)")

@@ -86,11 +86,19 @@ def make_accelerator(
     return accelerator
 
 
-def deepspeed_plugin(accelerator: Accelerator):
+def deepspeed_plugin(accelerator: Accelerator | None):
     """The active DeepSpeed plugin, or None when the run does not use DeepSpeed."""
-    if "DEEPSPEED" not in str(accelerator.distributed_type).upper():
+    if "DEEPSPEED" not in str(getattr(accelerator, "distributed_type", "")).upper():  # also None: no accelerator
         return None
     return accelerator.state.deepspeed_plugin
+
+
+def zero_stage(accelerator: Accelerator | None) -> int | None:
+    """The DeepSpeed ZeRO stage of the run, or None when it does not use DeepSpeed."""
+    plugin = deepspeed_plugin(accelerator)
+    if plugin is None:
+        return None
+    return int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
 
 
 def fill_deepspeed_config(accelerator: Accelerator, *, micro_batch_size: int, max_grad_norm: float) -> None:
@@ -100,7 +108,7 @@ def fill_deepspeed_config(accelerator: Accelerator, *, micro_batch_size: int, ma
     if plugin is None:
         return
     config = plugin.deepspeed_config
-    stage = int(config.get("zero_optimization", {}).get("stage", 0))
+    stage = zero_stage(accelerator)
     if stage not in SUPPORTED_ZERO_STAGES:
         raise ConfigError(f"DeepSpeed ZeRO stage {stage} is not supported: it shards the module's weights, which "
                           "the continual projection and basis capture need whole; use launch/deepspeed/zero2.json "
