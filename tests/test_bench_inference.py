@@ -7,7 +7,10 @@ import statistics
 import pytest
 import torch
 
+from torch.utils.flop_counter import FlopCounterMode
+
 import cdad_dist.bench.inference as bench
+from cdad_dist.bench.flops import speedup_bounds
 from cdad_dist.config import EvalConfig, load_config
 from cdad_dist.eval.anomaly_map import AnomalyMapConfig, extractor_from_config
 from cdad_dist.eval.scoring import ScoredBatch
@@ -50,8 +53,8 @@ def test_measure_modes_on_a_micro_model(micro):
     assert out["n_images"] == 4 and out["repeats"] == 2 and set(out["modes"]) == {"ddim", "one_step", "fused"}
     ref = out["modes"]["ddim"]
     for name, r in out["modes"].items():
-        assert len(r["recon_s_runs"]) == len(r["total_s_runs"]) == 2
-        assert all(0 < a < b for a, b in zip(r["recon_s_runs"], r["total_s_runs"]))
+        assert len(r["denoise_s_runs"]) == len(r["recon_s_runs"]) == len(r["total_s_runs"]) == 2
+        assert all(0 < d < a < b for d, a, b in zip(r["denoise_s_runs"], r["recon_s_runs"], r["total_s_runs"]))
         batch_times = out["batch_times_s"][name]
         assert len(batch_times["recon"]) == 2 and all(len(t) == 2 for t in batch_times["recon"])
         assert r["recon_s_runs"] == pytest.approx([sum(t[i] for t in batch_times["recon"]) for i in range(2)])
@@ -61,6 +64,7 @@ def test_measure_modes_on_a_micro_model(micro):
         assert r["total_ms_per_image"] == pytest.approx(1e3 * median_pass / 4)
         assert r["speedup_recon"] == pytest.approx(ref["recon_ms_per_image"] / r["recon_ms_per_image"])
         assert r["speedup_total"] == pytest.approx(ref["total_ms_per_image"] / r["total_ms_per_image"])
+        assert r["speedup_denoise"] == pytest.approx(ref["denoise_ms_per_image"] / r["denoise_ms_per_image"])
         assert set(r["per_class"]) == {"demo/c0", "demo/c1"}
         assert 0.0 <= r["image_auroc"] <= 1.0 and 0.0 <= r["pixel_auroc"] <= 1.0
         assert r["reconstruction"]["mode"] == name
@@ -70,8 +74,9 @@ def test_measure_modes_on_a_micro_model(micro):
     assert again["modes"]["ddim"]["per_class"] == ref["per_class"]
 
 
-def _fake_score_batch(seconds_per_image: dict[str, float], map_s_per_image: float):
-    """A score_batch whose 'measured' times are known: perfect maps (= the masks), scores = labels."""
+def _fake_score_batch(seconds_per_image: dict[str, float], map_s_per_image: float, shared_s_per_image: float):
+    """A score_batch whose 'measured' times are known: perfect maps (= the masks), scores = labels; the
+    reconstruction is the mode's denoising plus ``shared_s_per_image``."""
     calls = []
 
     def fake(model, extractor, x, eval_cfg, generator):
@@ -80,8 +85,9 @@ def _fake_score_batch(seconds_per_image: dict[str, float], map_s_per_image: floa
         maps = torch.zeros(b, 1, SIZE, SIZE)
         maps[1:, :, 8:16, 10:18] = 1.0
         maps += 0.01 * torch.rand(maps.shape, generator=generator)
-        return ScoredBatch(x, maps, maps.flatten(1).amax(1), seconds_per_image[eval_cfg.reconstruction.mode] * b,
-                           map_s_per_image * b)
+        denoise = seconds_per_image[eval_cfg.reconstruction.mode] * b
+        return ScoredBatch(x, maps, maps.flatten(1).amax(1), recon_s=denoise + shared_s_per_image * b,
+                           map_s=map_s_per_image * b, denoise_s=denoise)
 
     return fake, calls
 
@@ -89,7 +95,7 @@ def _fake_score_batch(seconds_per_image: dict[str, float], map_s_per_image: floa
 @pytest.mark.parametrize("one_step_s, met", [(0.001, True), (0.002, False)])
 def test_ratios_are_computed_from_the_measured_times(monkeypatch, one_step_s, met):
     times = {"ddim": 0.010, "one_step": one_step_s, "fused": 0.004}
-    fake, calls = _fake_score_batch(times, map_s_per_image=0.005)
+    fake, calls = _fake_score_batch(times, map_s_per_image=0.005, shared_s_per_image=0.002)
     monkeypatch.setattr(bench, "score_batch", fake)
     modes = bench.mode_configs(ReconstructionConfig(), ddim_steps=10)
     out = bench.measure_modes(None, None, _batches(3), EvalConfig(), modes, repeats=3)
@@ -97,16 +103,19 @@ def test_ratios_are_computed_from_the_measured_times(monkeypatch, one_step_s, me
     assert len(calls) == 3 + 3 * 3 * 3
     assert calls[3:9] == ["ddim", "one_step", "fused", "one_step", "fused", "ddim"]
     for name, r in out["modes"].items():
-        assert r["recon_s_runs"] == pytest.approx([6 * times[name]] * 3)
-        assert r["recon_ms_per_image"] == pytest.approx(1e3 * times[name])
-        assert r["speedup_recon"] == pytest.approx(times["ddim"] / times[name])
-        assert r["speedup_total"] == pytest.approx((times["ddim"] + 0.005) / (times[name] + 0.005))
+        assert r["denoise_s_runs"] == pytest.approx([6 * times[name]] * 3)
+        assert r["recon_s_runs"] == pytest.approx([6 * (times[name] + 0.002)] * 3)
+        assert r["denoise_ms_per_image"] == pytest.approx(1e3 * times[name])
+        assert r["recon_ms_per_image"] == pytest.approx(1e3 * (times[name] + 0.002))
+        assert r["speedup_denoise"] == pytest.approx(times["ddim"] / times[name])
+        assert r["speedup_recon"] == pytest.approx((times["ddim"] + 0.002) / (times[name] + 0.002))
+        assert r["speedup_total"] == pytest.approx((times["ddim"] + 0.007) / (times[name] + 0.007))
         assert r["image_auroc"] == 1.0 and r["pixel_auroc"] == pytest.approx(1.0)
     line = bench.summary_line(out, 10)
-    expected = f"one_step {times['ddim'] / one_step_s:.1f}x faster than ddim-10 in reconstruction"
+    expected = f"one_step {times['ddim'] / one_step_s:.1f}x faster than ddim-10 in denoising"
     assert line.startswith("inference: ") and expected in line and "fused 2.5x faster" in line
     target = bench.target_check(out)
-    assert target["met"] is met and target["image_auroc_gap_points"] == 0.0
+    assert target["met"] is met and target["image_auroc_gap_points"] == 0.0 and target["span"] == "denoise"
     assert math.isclose(target["one_step_speedup"], times["ddim"] / one_step_s)
 
 
@@ -124,3 +133,31 @@ def test_training_settings_are_a_valid_config_named_by_their_values(tmp_path):
     assert cfg.run_dir.parent == tmp_path / "runs"
     other = bench._train_overrides(bench.InferenceBenchConfig(train_steps=10), tmp_path)
     assert other[-1] != overrides[-1] and bench._train_overrides(quick, tmp_path)[-1] == overrides[-1]
+
+
+def test_stage_costs_count_the_work_of_each_stage(micro):
+    model, extractor = micro
+    eval_cfg = EvalConfig(anomaly_map=AnomalyMapConfig(sigma=1.0))
+    costs = bench.stage_costs(model, extractor, eval_cfg, SIZE, presets=(), ddim_steps=10)
+    assert list(costs) == ["measured"] and costs["measured"]["image_size"] == SIZE
+    g = costs["measured"]["gmacs_per_image"]
+    assert g["encode"] == g["decode"] == 0.0  # space-to-depth is a reshape
+    assert g["unet_call"] > 0 and g["condition"] > 0 and g["maps"] > 0
+    # Doubling the batch doubles the counted work: the count is per image and really measures the calls.
+    with FlopCounterMode(display=False) as counter:
+        with torch.inference_mode():
+            model.condition(torch.rand(2, 3, SIZE, SIZE))
+    assert counter.get_total_flops() / 2e9 == pytest.approx(2 * g["condition"])
+    bound = costs["measured"]["bounds"]
+    shared = g["condition"]
+    assert bound["denoise"] == 10.0
+    assert bound["reconstruction"] == pytest.approx((shared + 10 * g["unet_call"]) / (shared + g["unet_call"]))
+    assert 1.0 < bound["end_to_end"] < bound["reconstruction"] < 10.0
+    assert "reconstruction" in bench.cost_lines(costs, 10)[0]
+
+
+def test_speedup_bounds_on_known_costs():
+    gmacs = {"encode": 1.0, "condition": 0.5, "unet_call": 2.0, "decode": 1.5, "maps": 3.0}
+    bound = speedup_bounds(gmacs, ddim_steps=10)
+    assert bound["reconstruction"] == pytest.approx((3.0 + 20.0) / (3.0 + 2.0))
+    assert bound["end_to_end"] == pytest.approx((7.5 + 20.0) / (7.5 + 2.0))

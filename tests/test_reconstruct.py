@@ -5,9 +5,12 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
+from cdad_dist.config import EvalConfig
 from cdad_dist.errors import CdadError
+from cdad_dist.eval.anomaly_map import AnomalyMapConfig, extractor_from_config
 from cdad_dist.eval.reconstruct import (ReconstructionConfig, ddim_step, ddim_timesteps, reconstruct,
                                         reconstruct_latent, vae_roundtrip)
+from cdad_dist.eval.scoring import batch_generator, score_batch
 from cdad_dist.models.presets import ModelConfig, build_model
 
 
@@ -74,6 +77,31 @@ def test_condition_computed_once_per_image(model, images):
     finally:
         h1.remove()
         h2.remove()
+
+
+def test_score_batch_encodes_once_and_times_its_spans(model, images, monkeypatch):
+    """E(x) serves both the reconstruction and the reference D(E(x)); the AMN runs once; two decodes."""
+    calls = {"encode": 0, "decode": 0, "amn": 0}
+
+    def counting(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(model, "encode", counting("encode", model.encode))
+    monkeypatch.setattr(model, "decode", counting("decode", model.decode))
+    hook = model.amn.register_forward_hook(lambda *a: calls.__setitem__("amn", calls["amn"] + 1))
+    cfg = EvalConfig(reconstruction=ReconstructionConfig(mode="ddim", steps=3),
+                     anomaly_map=AnomalyMapConfig(sigma=1.0))
+    try:
+        scored = score_batch(model, extractor_from_config(cfg.anomaly_map), images, cfg, batch_generator(0, 0))
+    finally:
+        hook.remove()
+    assert calls == {"encode": 1, "decode": 2, "amn": 1}
+    assert 0 < scored.denoise_s < scored.recon_s and scored.map_s > 0
+    # The same reconstruction as the stand-alone function with the same noise.
+    torch.testing.assert_close(scored.x_hat, reconstruct(model, images, cfg.reconstruction, batch_generator(0, 0)))
 
 
 class OracleEps:
