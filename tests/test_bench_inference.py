@@ -6,15 +6,14 @@ import statistics
 
 import pytest
 import torch
-
 from torch.utils.flop_counter import FlopCounterMode
 
 import cdad_dist.bench.inference as bench
 from cdad_dist.bench.flops import speedup_bounds
 from cdad_dist.config import EvalConfig, load_config
 from cdad_dist.eval.anomaly_map import AnomalyMapConfig, extractor_from_config
-from cdad_dist.eval.scoring import ScoredBatch
 from cdad_dist.eval.reconstruct import ReconstructionConfig
+from cdad_dist.eval.scoring import ScoredBatch
 from cdad_dist.models.presets import ModelConfig, build_model
 
 SIZE = 32
@@ -144,9 +143,8 @@ def test_stage_costs_count_the_work_of_each_stage(micro):
     assert g["encode"] == g["decode"] == 0.0  # space-to-depth is a reshape
     assert g["unet_call"] > 0 and g["condition"] > 0 and g["maps"] > 0
     # Doubling the batch doubles the counted work: the count is per image and really measures the calls.
-    with FlopCounterMode(display=False) as counter:
-        with torch.inference_mode():
-            model.condition(torch.rand(2, 3, SIZE, SIZE))
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model.condition(torch.rand(2, 3, SIZE, SIZE))
     assert counter.get_total_flops() / 2e9 == pytest.approx(2 * g["condition"])
     bound = costs["measured"]["bounds"]
     shared = g["condition"]

@@ -42,13 +42,12 @@ from cdad_dist.bench.flops import speedup_bounds, stage_gmacs
 from cdad_dist.config import DEFAULT_CONFIG, EvalConfig, load_config
 from cdad_dist.data.demo import make_demo_dataset
 from cdad_dist.data.stream import eval_stream
-from cdad_dist.engine.checkpoint import read_state
+from cdad_dist.engine.checkpoint import read_state, select_task_end
 from cdad_dist.errors import CheckpointError
 from cdad_dist.eval.metrics import ClassMetricAccumulator
-from cdad_dist.engine.checkpoint import select_task_end
 from cdad_dist.eval.predict import LoadedRun, load_run
-from cdad_dist.eval.scoring import batch_generator, score_batch
 from cdad_dist.eval.reconstruct import ReconstructionConfig
+from cdad_dist.eval.scoring import batch_generator, score_batch
 
 QUICK_STEPS = 300
 SPANS = ("denoise", "recon", "total")  # see the module docstring: denoising ⊂ reconstruction ⊂ end to end
