@@ -99,7 +99,6 @@ def _deepspeed_projection_run(stage: int, project: str, optimizer_kind: str, pro
                                                           (2, "grad", "sgd")])
 def test_projection_holds_under_deepspeed_zero(tmp_path, stage, project, optimizer_kind):
     r0, r1 = run_distributed(_deepspeed_projection_run, world_size=2, init_process_group=False, timeout=240,
-                             skip_teardown=True,
                              args=(stage, project, optimizer_kind, str(tmp_path)))
     assert r0["digest"] == r1["digest"]  # identical bases on both ranks
     assert (r0["weights"] == r1["weights"]).all()  # and identical weights after projected training
