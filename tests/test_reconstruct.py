@@ -9,7 +9,7 @@ from cdad_dist.config import EvalConfig
 from cdad_dist.errors import CdadError
 from cdad_dist.eval.anomaly_map import AnomalyMapConfig, extractor_from_config
 from cdad_dist.eval.reconstruct import (ReconstructionConfig, ddim_step, ddim_timesteps, reconstruct,
-                                        reconstruct_latent, vae_roundtrip)
+                                        reconstruct_latent)
 from cdad_dist.eval.scoring import batch_generator, score_batch
 from cdad_dist.models.presets import ModelConfig, build_model
 
@@ -40,8 +40,8 @@ def test_shapes_range_and_determinism(model, images, cfg):
     assert torch.equal(reconstruct(model, images, cfg), reconstruct(model, images, cfg))  # cfg.seed
 
 
-def test_vae_roundtrip_is_identity_for_space_to_depth(model, images):
-    torch.testing.assert_close(vae_roundtrip(model, images), images)
+def test_first_stage_roundtrip_is_identity_for_space_to_depth(model, images):
+    torch.testing.assert_close(model.decode(model.encode(images)), images)
 
 
 def test_timesteps_start_exactly_at_start_t():

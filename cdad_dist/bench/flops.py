@@ -8,15 +8,12 @@ attention are counted (what FlopCounterMode knows); element-wise work is left ou
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cdad_dist.eval.anomaly_map import AnomalyMapConfig, anomaly_maps
-
-STAGES = ("encode", "condition", "unet_call", "decode", "maps")
-
 
 def _gmacs(fn: Callable[[], object]) -> float:
     with FlopCounterMode(display=False) as counter:

@@ -167,8 +167,8 @@ def target_check(measured: dict[str, Any]) -> dict[str, Any]:
     """The issue's target: one_step ≥ 8× faster than ddim-10 with image AUROC within 2 points.
 
     Checked on the denoising span, the only work the mode changes: the stages every mode pays once per image
-    (first stage, AMN, anomaly maps) cap the wider spans' ratios by the architecture (see ``cost``), e.g. at
-    ~2.4× end to end for SD 1.5 at 256 px, whose VAE costs ~5 U-Net calls.
+    (first stage, AMN, anomaly maps) cap the wider spans' ratios by the architecture (see ``stage_costs``), e.g.
+    at ~2.4× for the reconstruction with SD 1.5 at 256 px, whose VAE costs ~5 U-Net calls per image.
     """
     modes = measured["modes"]
     if "one_step" not in modes:
@@ -308,5 +308,5 @@ def run(quick: bool, out_dir=None, *, cfg: InferenceBenchConfig | None = None, r
     log(summary)
     return {"config": asdict(cfg), "run_dir": str(run_dir), "checkpoint": loaded.checkpoint.path.name,
             "image_size": loaded.image_size, "classes": list(classes), "train_s": train_s,
-            "threads": torch.get_num_threads(), "device": str(loaded.device), **measured, "cost": costs, "target": target,
-            "summary": summary}
+            "threads": torch.get_num_threads(), "device": str(loaded.device), **measured, "cost": costs,
+            "target": target, "summary": summary}

@@ -8,8 +8,8 @@
 2. Inputs: files as given, folders scanned recursively for png/jpg/jpeg/bmp/tif/tiff (any case), sorted.
    Images are read with ``read_rgb`` and resized (INTER_AREA, as the shards and the stream do) to the model's size.
    An unreadable image is reported on stderr and in the outputs (``error`` field) and skipped.
-3. ``score_batch`` — the evaluator's three calls (``reconstruct`` with ``cfg.eval.reconstruction``,
-   ``vae_roundtrip``, ``anomaly_maps`` with ``cfg.eval.anomaly_map``) in one function, shared with
+3. ``score_batch`` — what the evaluator does per batch (the reconstruction with ``cfg.eval.reconstruction``,
+   the reference D(E(x)), ``anomaly_maps`` with ``cfg.eval.anomaly_map``) in one function, shared with
    ``cdad bench inference``. Noise comes from a CPU generator seeded by (reconstruction seed, batch index): the
    same inputs always give the same scores, on any device.
 4. Outputs in ``out_dir``: ``scores.csv`` and ``scores.json`` (path, score, decision, map file, error) and one PNG

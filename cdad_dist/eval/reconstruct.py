@@ -144,9 +144,3 @@ def reconstruct(model, x: torch.Tensor, cfg: ReconstructionConfig | None = None,
         z = model.encode(x)
         c = model.condition(x)
         return model.decode(reconstruct_latent(model, z, c, cfg, generator))
-
-
-def vae_roundtrip(model, x: torch.Tensor) -> torch.Tensor:
-    """D(E(x)): what the anomaly map compares the reconstruction with (so VAE error cancels)."""
-    with torch.inference_mode():
-        return model.decode(model.encode(x))
