@@ -118,6 +118,7 @@ class ContinualTrainer:
         self.evaluator = Evaluator(cfg.eval, cfg.data, self.image_size, acc, self.run_dir)
         self.global_step = 0
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.wrapped_model: torch.nn.Module | None = None  # the current task's DDP module / DeepSpeed engine
         self.resume_from: CheckpointRef | None = latest_checkpoint(self.ckpt_root, self.log) if resume else None
         self.position = self._restore(self.resume_from) if self.resume_from else Position()
         self.replay_tasks: list[int] = []  # finished tasks of an init_from run whose end_task this strategy replays
@@ -373,7 +374,7 @@ class ContinualTrainer:
             strategy_state=self.strategy.state_dict(),
             scheduler_state=self.scheduler.state_dict() if self.scheduler is not None else None,
             keep_last=self.cfg.train.keep_last,
-            model=getattr(self, "wrapped_model", None),
+            model=self.wrapped_model,
         )
 
     def strategy_summary(self) -> dict[str, Any]:
