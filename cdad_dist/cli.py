@@ -61,6 +61,15 @@ def _cmd_demo_data(args) -> int:
     return 0
 
 
+def _cmd_real_data(args) -> int:
+    from cdad_dist.data.real_photos import make_real_dataset
+
+    out = make_real_dataset(Path(args.out), size=args.size, seed=args.seed, n_train=args.n_train,
+                            n_test_good=args.n_test_good, n_test_bad=args.n_test_bad)
+    print(f"real-photo dataset written to {out}")
+    return 0
+
+
 def _cmd_shards_build(args) -> int:
     from cdad_dist.data.catalog import scan_dataset
     from cdad_dist.data.shards import build_shards
@@ -115,7 +124,7 @@ def _cmd_predict(args) -> int:
 def _cmd_bench(args) -> int:
     from cdad_dist.bench import run_benchmarks
 
-    results = run_benchmarks(args.name, quick=args.quick, out_dir=Path(args.out))
+    results = run_benchmarks(args.name, quick=args.quick, out_dir=Path(args.out), config=args.config)
     print(json.dumps({k: v.get("summary", "") for k, v in results.items()}, indent=2))
     return 0
 
@@ -129,6 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", type=int, default=128)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_cmd_demo_data)
+
+    real = sub.add_parser("real-data", help="write the real-photo check dataset (crops of scikit-image's "
+                          "photographs, painted defects, MVTec layout; needs scikit-image)")
+    real.add_argument("--out", required=True, help="output folder (one sub-folder per photo)")
+    real.add_argument("--size", type=int, default=128, help="image side in pixels")
+    real.add_argument("--seed", type=int, default=0)
+    real.add_argument("--n-train", type=int, default=80, help="normal training crops per class")
+    real.add_argument("--n-test-good", type=int, default=15, help="normal test crops per class")
+    real.add_argument("--n-test-bad", type=int, default=20, help="defective test crops per class")
+    real.set_defaults(func=_cmd_real_data)
 
     shards = sub.add_parser("shards", help="build or verify WebDataset shards").add_subparsers(dest="action", required=True)
     build = shards.add_parser("build")
@@ -169,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("name", help="isvd | projection | inference | continual | throughput | basis | storage | all")
     bench.add_argument("--quick", action="store_true")
     bench.add_argument("--out", default="runs/bench")
+    bench.add_argument("--config", default=None,
+                       help="run config for `inference` and `continual` (dataset, model, evaluation), e.g. "
+                            "configs/real.yaml; default configs/demo.yaml")
     bench.set_defaults(func=_cmd_bench)
     return parser
 

@@ -30,8 +30,9 @@ DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 class DataConfig:
     """Where the images come from and how they are streamed."""
 
-    dataset: Literal["demo", "mvtec", "visa", "folder"] = "demo"
-    root: str = "demo_data"  # dataset root; for `demo` it is generated there when missing
+    dataset: Literal["demo", "real_photos", "mvtec", "visa", "folder"] = "demo"
+    # dataset root; `demo` and `real_photos` (scikit-image's photographs) are generated there when missing
+    root: str = "demo_data"
     folder_name: str = "folder"  # dataset name of a generic folder dataset (`dataset: folder`)
     shards: str = "shards/demo"  # WebDataset shard directory; built from `root` when missing
     shard_image_size: int | None = 128  # images are pre-resized to this side when shards are built
@@ -66,6 +67,7 @@ class TrainConfig:
     keep_last: int = 2  # mid-task checkpoints kept (task-end checkpoints are always kept)
     log_every: int = 25
     max_bad_steps: int = 20  # consecutive non-finite losses before the run stops
+    loss_balance_warn: float = 100.0  # warn when λ·AMN and ε loss terms differ by more than this factor (0: off)
     # Start from another run's task-end checkpoint (its run dir = its newest task end, or a checkpoint dir) whose
     # tasks are a prefix of this run's: e.g. several continual strategies from one trained base task.
     init_from: str | None = None

@@ -89,6 +89,34 @@ def test_input_size_and_topk_options(lite0):
         anomaly_maps(lite0, a, b[:, :, :32], cfg)
 
 
+def test_reflect_pad_keeps_maps_aligned_and_calms_the_border(lite0):
+    """A difference spread evenly over the image (a gain change) must not peak at the borders with reflect_pad."""
+    a = _images(4, n=1, size=64) * 0.8 + 0.1
+    b = (a * 1.1).clamp(0, 1)
+    plain, _ = anomaly_maps(lite0, a, b, AnomalyMapConfig(sigma=0.0))
+    padded, _ = anomaly_maps(lite0, a, b, AnomalyMapConfig(sigma=0.0, reflect_pad=16))
+    assert padded.shape == plain.shape == (1, 1, 64, 64)
+
+    def border_ratio(m):
+        edge = torch.cat([m[0, 0, :4].flatten(), m[0, 0, -4:].flatten(), m[0, 0, :, :4].flatten(),
+                          m[0, 0, :, -4:].flatten()]).mean()
+        return float(edge / m[0, 0, 16:48, 16:48].mean())
+
+    assert border_ratio(padded) < border_ratio(plain)
+    # a local defect is still found where it is
+    c = a.clone()
+    c[0, :, 40:52, 8:20] = 1.0
+    maps, _ = anomaly_maps(lite0, a, c, AnomalyMapConfig(sigma=2.0, reflect_pad=16))
+    y, x = divmod(int(maps[0, 0].argmax()), 64)
+    assert 34 <= y < 58 and 2 <= x < 26
+    same, _ = anomaly_maps(lite0, a, a.clone(), AnomalyMapConfig(reflect_pad=16))
+    assert same.abs().max() < 1e-5
+    with pytest.raises(CdadError, match="reflect_pad"):
+        anomaly_maps(lite0, a, b, AnomalyMapConfig(reflect_pad=64))
+    with pytest.raises(CdadError, match="reflect_pad"):
+        AnomalyMapConfig(reflect_pad=-1)
+
+
 def test_config_validation():
     with pytest.raises(CdadError, match="score"):
         AnomalyMapConfig(score="mean")

@@ -158,12 +158,22 @@ def test_forward_is_deterministic_for_a_generator(tiny):
 
 
 def test_amn_loss_matches_definition_and_lambda():
-    model = build_model(ModelConfig(amn_depth=1, lambda_amn=0.25))
+    model = build_model(ModelConfig(amn_depth=1, lambda_amn=0.25, amn_loss="mse"))
     x, xp = batch(2)
     out = model(x, xp, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = (model.amn(xp)[0] - model.amn.encode_local(x)).square().mean()
     torch.testing.assert_close(out["amn_loss"], ref)
+    # the default, scale-free form: per-token standardised features (zero mean, unit RMS over channels)
+    model.amn_loss = "normalized"
+    out = model(x, xp, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        def standard(f):
+            f = f / f.square().mean().sqrt()
+            f = f - f.mean(1, keepdim=True)
+            return f / (f.square().mean(1, keepdim=True) + 1e-5).sqrt()
+        ref = (standard(model.amn(xp)[0]) - standard(model.amn.encode_local(x))).square().mean()
+    torch.testing.assert_close(out["amn_loss"], ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out["loss"].detach(), out["eps_loss"] + 0.25 * out["amn_loss"])
 
 

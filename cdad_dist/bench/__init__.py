@@ -23,7 +23,10 @@ BENCHMARKS = {
 }
 
 
-def run_benchmarks(name: str, *, quick: bool, out_dir: Path) -> dict[str, Any]:
+CONFIGURABLE = ("inference", "continual")  # benchmarks that take a run config (`--config`: any dataset)
+
+
+def run_benchmarks(name: str, *, quick: bool, out_dir: Path, config: str | None = None) -> dict[str, Any]:
     names = list(BENCHMARKS) if name == "all" else [name]
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
@@ -36,7 +39,8 @@ def run_benchmarks(name: str, *, quick: bool, out_dir: Path) -> dict[str, Any]:
     for bench in names:
         module = importlib.import_module(BENCHMARKS[bench])
         start = time.perf_counter()
-        results[bench] = module.run(quick, out_dir / bench)
+        kwargs = {"config": config} if config is not None and bench in CONFIGURABLE else {}
+        results[bench] = module.run(quick, out_dir / bench, **kwargs)
         seconds = time.perf_counter() - start
         if isinstance(results[bench], dict):
             results[bench].setdefault("machine", machine)

@@ -32,7 +32,6 @@ from matplotlib.figure import Figure
 
 from cdad_dist.atomic import write_json_atomic
 from cdad_dist.config import DEFAULT_CONFIG, load_config
-from cdad_dist.data.demo import make_demo_dataset
 from cdad_dist.data.sequences import resolve_sequence
 from cdad_dist.engine.checkpoint import list_checkpoints
 from cdad_dist.errors import ConfigError
@@ -44,14 +43,19 @@ STRATEGIES: dict[str, list[str]] = {
     "cdad-grad": ["continual.strategy=cdad", "continual.project=grad", "continual.sketch=isvd"],
     "cdad-paper": ["continual.strategy=cdad", "continual.project=grad", "continual.paper_faithful=true"],
     "joint": ["continual.strategy=joint"],
+    # Training-free nearest-neighbour baseline (PatchCore without coreset): what users compare against.
+    "knn": ["continual.strategy=knn"],
 }
+# Strategies that train nothing start on their own instead of after the shared base task.
+TRAINING_FREE = ("knn",)
 FM_RATIO_TARGET = 0.25
 JOINT_GAP_TARGET_POINTS = 3.0
 
 
 @dataclass
 class ContinualBenchConfig:
-    sequence: str = "demo-3x2"
+    config: str = DEFAULT_CONFIG           # the run config whose dataset, model and evaluation are compared
+    sequence: str | None = None            # None: the config's sequence
     strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
     base_steps: int | None = None         # None: configs/demo.yaml's budget
     incremental_steps: int | None = None
@@ -62,9 +66,9 @@ class ContinualBenchConfig:
     extra_overrides: list[str] = field(default_factory=list)  # any `--set` override, e.g. a smaller model
 
     @classmethod
-    def quick(cls) -> ContinualBenchConfig:
+    def quick(cls, config: str = DEFAULT_CONFIG) -> ContinualBenchConfig:
         """A few minutes: the two targets' strategies only, small budgets (indicative, not the study)."""
-        return cls(strategies=["naive", "cdad", "joint"], base_steps=300, incremental_steps=100,
+        return cls(config=config, strategies=["naive", "cdad", "joint"], base_steps=300, incremental_steps=100,
                    max_test_per_class=10, capture_images=8)
 
     def __post_init__(self) -> None:
@@ -73,9 +77,17 @@ class ContinualBenchConfig:
             raise ConfigError(f"bench continual: unknown strategies {unknown}; choose from {list(STRATEGIES)}")
 
 
+GENERATED_DATASETS = ("demo", "real_photos")  # generated into the work folder; others are read where they are
+
+
 def _common_overrides(cfg: ContinualBenchConfig, work: Path) -> list[str]:
-    out = [f"sequence={cfg.sequence}", f"train.seed={cfg.seed}", "eval.heatmap_images=1",
-           f"data.root={work / 'demo_data'}", f"data.shards={work / 'shards'}", f"output_dir={work / 'runs'}"]
+    dataset = load_config(cfg.config).data.dataset
+    out = [f"train.seed={cfg.seed}", "eval.heatmap_images=1", f"data.shards={work / ('shards-' + dataset)}",
+           f"output_dir={work / 'runs'}"]
+    if cfg.sequence is not None:
+        out.append(f"sequence={cfg.sequence}")
+    if dataset in GENERATED_DATASETS:
+        out.append(f"data.root={work / (dataset + '_data')}")
     if cfg.base_steps is not None:
         out.append(f"train.base_steps={cfg.base_steps}")
     if cfg.incremental_steps is not None:
@@ -95,11 +107,11 @@ def _finished(run_dir: Path, n_tasks: int) -> bool:
     return any(r.task_end and r.task == n_tasks - 1 for r in list_checkpoints(run_dir / "checkpoints"))
 
 
-def _train(overrides: list[str], n_tasks: int, log) -> tuple[Path, float | None]:
+def _train(config: str, overrides: list[str], n_tasks: int, log) -> tuple[Path, float | None]:
     """Train (or reuse / resume) one run; returns its directory and the seconds spent (None when reused)."""
     from cdad_dist.engine.trainer import train
 
-    run_cfg = load_config(DEFAULT_CONFIG, overrides)
+    run_cfg = load_config(config, overrides)
     run_dir = run_cfg.run_dir
     if _finished(run_dir, n_tasks):
         log(f"bench continual: reusing {run_dir}")
@@ -184,7 +196,7 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
             ax.plot(xs, [steps[x] for x in xs], marker="o", label=name)
         ax.set_xlabel("after task")
         ax.set_ylabel(f"mean {metric.replace('_', ' ')} of seen classes (%)")
-        ax.set_xticks(range(3))
+        ax.set_xticks(sorted({x for r in summary["strategies"].values() for x in r[metric]["steps"]}))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -193,29 +205,29 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def run(quick: bool, out_dir, *, cfg: ContinualBenchConfig | None = None, log=print) -> dict[str, Any]:
-    cfg = cfg or (ContinualBenchConfig.quick() if quick else ContinualBenchConfig())
+def run(quick: bool, out_dir, *, cfg: ContinualBenchConfig | None = None, config: str | None = None,
+        log=print) -> dict[str, Any]:
+    config = config or DEFAULT_CONFIG
+    cfg = cfg or (ContinualBenchConfig.quick(config) if quick else ContinualBenchConfig(config=config))
     work = Path(out_dir)
     work.mkdir(parents=True, exist_ok=True)
-    if not (work / "demo_data").exists():
-        make_demo_dataset(work / "demo_data")
     common = _common_overrides(cfg, work)
-    n_tasks = len(resolve_sequence(cfg.sequence).tasks)
+    n_tasks = len(resolve_sequence(load_config(cfg.config, common).sequence).tasks)
     seconds: dict[str, float | None] = {}
     run_dirs: dict[str, Path] = {}
     base_dir = None
-    continual = [s for s in cfg.strategies if s != "joint"]
+    continual = [s for s in cfg.strategies if s != "joint" and s not in TRAINING_FREE]
     if cfg.share_base_task and continual:
         base = common + STRATEGIES["naive"] + ["tasks=0:1"]
-        base_dir, seconds["base_task"] = _train(base + [f"name=cbench-base-{_tag(base)}"], 1, log)
+        base_dir, seconds["base_task"] = _train(cfg.config, base + [f"name=cbench-base-{_tag([cfg.config] + base)}"], 1, log)
     for name in cfg.strategies:
         overrides = common + STRATEGIES[name]
-        if base_dir is not None and name != "joint":
+        if base_dir is not None and name in continual:
             overrides = overrides + [f"train.init_from={base_dir}"]
         log(f"bench continual: strategy {name}")
         tasks_in_run = 1 if name == "joint" else n_tasks  # joint collapses the sequence into one task
-        run_dirs[name], seconds[name] = _train(overrides + [f"name=cbench-{name}-{_tag(overrides)}"], tasks_in_run,
-                                               log)
+        run_dirs[name], seconds[name] = _train(cfg.config, overrides + [f"name=cbench-{name}-{_tag([cfg.config] + overrides)}"],
+                                               tasks_in_run, log)
     matrices = {name: AccuracyMatrix.from_dict(json.loads((d / "report" / "results.json").read_text())["matrix"])
                 for name, d in run_dirs.items()}
     summary = summarise(matrices)

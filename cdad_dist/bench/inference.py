@@ -41,6 +41,7 @@ import torch
 from cdad_dist.bench.flops import speedup_bounds, stage_gmacs
 from cdad_dist.config import DEFAULT_CONFIG, EvalConfig, load_config
 from cdad_dist.data.demo import make_demo_dataset
+from cdad_dist.data.sequences import resolve_sequence
 from cdad_dist.data.stream import eval_stream
 from cdad_dist.engine.checkpoint import read_state, select_task_end
 from cdad_dist.errors import CheckpointError
@@ -56,9 +57,10 @@ DEMO_TASK0 = ["demo/carpet", "demo/bottle"]  # task 0 of demo-3x2
 
 @dataclass
 class InferenceBenchConfig:
-    train_steps: int | None = None        # None: the demo's base-task budget (configs/demo.yaml train.base_steps)
-    image_size: int | None = None         # None: the demo's (the tiny preset's 64 px)
-    classes: list[str] = field(default_factory=lambda: list(DEMO_TASK0))
+    config: str = DEFAULT_CONFIG          # the run config (dataset, model, evaluation) of the measured model
+    train_steps: int | None = None        # None: the config's base-task budget (train.base_steps)
+    image_size: int | None = None         # None: the config's (the tiny preset's 64 px)
+    classes: list[str] | None = None      # None: the first task of the config's sequence
     ddim_steps: int = 10
     repeats: int = 5
     batch_size: int = 16
@@ -70,8 +72,14 @@ class InferenceBenchConfig:
     count_presets: tuple[str, ...] = ("sd15",)
 
     @classmethod
-    def quick(cls) -> InferenceBenchConfig:
-        return cls(train_steps=QUICK_STEPS, image_size=32, repeats=3, count_presets=())
+    def quick(cls, config: str = DEFAULT_CONFIG) -> InferenceBenchConfig:
+        return cls(config=config, train_steps=QUICK_STEPS, image_size=32, repeats=3, count_presets=())
+
+    def task_classes(self) -> list[str]:
+        if self.classes is not None:
+            return list(self.classes)
+        run_cfg = load_config(self.config)
+        return list(resolve_sequence(run_cfg.sequence).tasks[0])
 
 
 # -- measuring ---------------------------------------------------------------------------------------------------
@@ -212,20 +220,23 @@ def cost_lines(costs: dict[str, dict[str, Any]], ddim_steps: int) -> list[str]:
 # -- the model and the data --------------------------------------------------------------------------------------
 def _train_overrides(cfg: InferenceBenchConfig, work: Path) -> list[str]:
     """configs/demo.yaml with one task, the benchmark's budget and size; the run name encodes those settings."""
+    classes = cfg.task_classes()
     model = [
-        f"sequence={json.dumps([cfg.classes])}",
+        f"sequence={json.dumps([classes])}",
         "continual.strategy=naive",  # one task: the protected bases would never be used
     ]
     if cfg.train_steps is not None:
         model.append(f"train.base_steps={cfg.train_steps}")
     if cfg.image_size is not None:
         model.append(f"model.image_size={cfg.image_size}")
-    tag = hashlib.sha256(json.dumps(model).encode()).hexdigest()[:10]
-    data = "-".join(c.split("/", 1)[-1] for c in cfg.classes)  # one generated data set per class list
+    tag = hashlib.sha256(json.dumps([cfg.config] + model).encode()).hexdigest()[:10]
+    dataset = load_config(cfg.config).data.dataset
+    data = "-".join(c.split("/", 1)[-1] for c in classes)  # one generated data set per class list
     # The engine's own evaluation after the task is not what is measured here: kept small.
     small_eval = ["eval.max_test_per_class=4", "eval.heatmap_images=0"]
-    paths = [f"data.root={work / ('demo_data-' + data)}", f"data.shards={work / ('shards-' + data)}",
-             f"output_dir={work / 'runs'}"]
+    paths = [f"data.shards={work / ('shards-' + dataset + '-' + data)}", f"output_dir={work / 'runs'}"]
+    if dataset in ("demo", "real_photos"):  # generated into the work folder
+        paths.append(f"data.root={work / (dataset + '_data-' + data)}")
     return model + small_eval + paths + [f"name=bench-{tag}"]
 
 
@@ -233,7 +244,7 @@ def train_bench_model(cfg: InferenceBenchConfig, work: Path, log=print) -> tuple
     """Train (or reuse) the benchmark's model; returns its run directory and the training time (None: reused)."""
     from cdad_dist.engine.trainer import train
 
-    run_cfg = load_config(DEFAULT_CONFIG, _train_overrides(cfg, work))
+    run_cfg = load_config(cfg.config, _train_overrides(cfg, work))
     run_dir = run_cfg.run_dir
     if (run_dir / "checkpoints").is_dir():
         try:
@@ -243,10 +254,10 @@ def train_bench_model(cfg: InferenceBenchConfig, work: Path, log=print) -> tuple
         except CheckpointError:  # an earlier training was interrupted: resume it
             pass
     demo_root = Path(run_cfg.data.root)
-    if not demo_root.exists():  # only the task's classes: generating all six would cost time for nothing
-        make_demo_dataset(demo_root, classes=[c.split("/", 1)[1] for c in cfg.classes])
+    if run_cfg.data.dataset == "demo" and not demo_root.exists():  # only the task's classes: cheaper
+        make_demo_dataset(demo_root, classes=[c.split("/", 1)[1] for c in cfg.task_classes()])
     log(f"bench inference: training a {run_cfg.model.preset} model, {run_cfg.train.base_steps} steps on "
-        f"{cfg.classes} -> {run_dir}")
+        f"{cfg.task_classes()} -> {run_dir}")
     t0 = time.perf_counter()
     train(run_cfg, resume=(run_dir / "run.json").exists())
     return run_dir, time.perf_counter() - t0
@@ -271,9 +282,10 @@ def load_test_batches(run: LoadedRun, classes: Sequence[str], batch_size: int,
 
 # -- the benchmark -----------------------------------------------------------------------------------------------
 def run(quick: bool, out_dir=None, *, cfg: InferenceBenchConfig | None = None, run_dir: str | Path | None = None,
-        log=print) -> dict[str, Any]:
+        config: str | None = None, log=print) -> dict[str, Any]:
     """Train (or load) one model, measure the three modes, print one line per mode and the summary."""
-    cfg = cfg or (InferenceBenchConfig.quick() if quick else InferenceBenchConfig())
+    config = config or DEFAULT_CONFIG
+    cfg = cfg or (InferenceBenchConfig.quick(config) if quick else InferenceBenchConfig(config=config))
     run_dir = run_dir or cfg.run_dir
     work = Path(out_dir if out_dir is not None else "runs/bench/inference")
     work.mkdir(parents=True, exist_ok=True)
@@ -282,7 +294,7 @@ def run(quick: bool, out_dir=None, *, cfg: InferenceBenchConfig | None = None, r
     if trained_here:
         run_dir, train_s = train_bench_model(cfg, work, log)
     loaded = load_run(run_dir, cfg.task)
-    classes = list(cfg.classes) if trained_here else _test_classes(loaded)
+    classes = cfg.task_classes() if trained_here else _test_classes(loaded)
     batches = load_test_batches(loaded, classes, cfg.batch_size, cfg.max_test_per_class)
     modes = mode_configs(loaded.cfg.eval.reconstruction, cfg.ddim_steps)
     measured = measure_modes(loaded.model, loaded.extractor, batches, loaded.cfg.eval, modes, repeats=cfg.repeats,

@@ -219,14 +219,17 @@ def make_capture_forward(model: nn.Module, cfg: CaptureConfig, reconstruction=No
                          device: torch.device | str | None = None) -> Callable[[dict], None]:
     """A ``capture_forward(batch)`` for the CDAD model API (encode / condition / predict_eps / noise_scheduler).
 
-    trajectory: the evaluation's DDIM reconstruction (``reconstruction``: start timestep as at test time) with
-    ``ddim_steps`` steps, through the same code as evaluation; random_t: ``random_timesteps`` independent
+    trajectory: the evaluation's reconstruction (``reconstruction``: a DDIM from the start timestep with
+    ``ddim_steps`` steps, or the one_step / fused calls), through the same code as evaluation; random_t: ``random_timesteps`` independent
     noisings at uniform t. The AMN condition is computed once per image. Noise comes from a generator seeded with
     (seed, rank), so the capture pass is reproducible.
     """
     from cdad_dist.eval.reconstruct import ReconstructionConfig, reconstruct_latent
 
-    trajectory = dataclasses.replace(reconstruction or ReconstructionConfig(), mode="ddim", steps=cfg.ddim_steps)
+    recon = reconstruction or ReconstructionConfig()
+    # The forward passes of test time: a DDIM run gets `ddim_steps` steps from its start; one_step / fused runs
+    # are captured through their own U-Net calls (a DDIM from t=999 would protect inputs the model never sees).
+    trajectory = dataclasses.replace(recon, steps=cfg.ddim_steps) if recon.mode == "ddim" else recon
     num_train = int(model.noise_scheduler.config.num_train_timesteps)
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank)
 
@@ -241,7 +244,8 @@ def make_capture_forward(model: nn.Module, cfg: CaptureConfig, reconstruction=No
         n = z0.shape[0]
         for _ in range(cfg.random_timesteps):
             noise = torch.randn(z0.shape, generator=generator).to(z0)
-            t = torch.randint(0, num_train, (n,), generator=generator)
+            lo, hi = getattr(model, "train_t_range", (0, num_train))  # the noise levels it trained on
+            t = torch.randint(lo, hi, (n,), generator=generator)
             model.predict_eps(model.noise_scheduler.add_noise(z0, noise, t.to(z0.device)), t.to(z0.device), c)
 
     return capture_forward

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from cdad_dist.continual.capture import CaptureConfig, FeatureCapture, select_capture_batches
+from cdad_dist.continual.knn import KnnConfig
 from cdad_dist.continual.layers import (LayerPatterns, discover_protected, freeze_unprotected, input_dim,
                                         protected_weight_bytes)
 from cdad_dist.continual.memory import gpm_merge, gpm_merge_gram_compact
@@ -31,7 +32,7 @@ from cdad_dist.errors import CdadError, CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("naive", "joint", "cdad")
+STRATEGIES = ("naive", "joint", "cdad", "knn")
 STATE_FORMAT = "cdad-strategy/1"
 
 
@@ -47,6 +48,7 @@ class ContinualConfig:
     layer_patterns: LayerPatterns = field(default_factory=LayerPatterns)
     freeze_unprotected: bool = True  # in incremental tasks, requires_grad=False on everything but protected weights
     capture: CaptureConfig = field(default_factory=CaptureConfig)
+    knn: KnnConfig = field(default_factory=KnnConfig)  # the `knn` baseline's memory banks
     memory_budget_mb: float = 256.0  # per layer: auto uses gram when 8·d² bytes fit
     basis_dtype: str = "float32"
     isvd_carry_gamma: float | None = None  # None = 1 - (1 - gamma) / 10
@@ -58,6 +60,8 @@ class ContinualConfig:
             self.layer_patterns = _build(LayerPatterns, self.layer_patterns, "continual.layer_patterns")
         if isinstance(self.capture, dict):
             self.capture = _build(CaptureConfig, self.capture, "continual.capture")
+        if isinstance(self.knn, dict):
+            self.knn = _build(KnnConfig, self.knn, "continual.knn")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"continual.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.sketch not in SKETCH_KINDS:
@@ -109,6 +113,22 @@ class ContinualStrategy:
                  capture_forward: Callable[[dict], None], accelerator=None) -> None:
         pass
 
+    def bind(self, *, extractor: nn.Module, image_size: int) -> None:
+        """The engine hands over the run's frozen feature extractor and image size before the first task."""
+
+    def task_steps(self, task_index: int, steps: int) -> int:
+        """Optimizer steps of a task (the configured budget; a training-free strategy returns 0)."""
+        return steps
+
+    def capture_images(self, configured: int | float) -> int | float:
+        """How many training images `end_task` sees (count or fraction); default: `continual.capture.images`."""
+        return configured
+
+    def score_batch(self, model: nn.Module, extractor: nn.Module, x: torch.Tensor, eval_cfg, generator,
+                    autocast=None):
+        """A ScoredBatch when the strategy detects by other means than the model's reconstruction, else None."""
+        return None
+
     def optimizer_param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
         """Explicit parameter groups of the trainable parameters (engine may pass them to the optimizer)."""
         params = [p for p in model.parameters() if p.requires_grad]
@@ -118,10 +138,10 @@ class ContinualStrategy:
         return {"format": STATE_FORMAT, "name": self.name}
 
     def load_state_dict(self, state: dict) -> None:
-        _check_state(state, self.name)
+        check_strategy_state(state, self.name)
 
 
-def _check_state(state: dict, name: str) -> None:
+def check_strategy_state(state: dict, name: str) -> None:
     if state.get("format") != STATE_FORMAT:
         raise CheckpointError(f"continual strategy state: format {state.get('format')!r}, expected {STATE_FORMAT!r}")
     if state.get("name") != name:
@@ -339,7 +359,7 @@ class CDADStrategy(ContinualStrategy):
                 "history": list(self.history)}
 
     def load_state_dict(self, state: dict) -> None:
-        _check_state(state, self.name)
+        check_strategy_state(state, self.name)
         try:
             bases = {str(n): U for n, U in state["bases"].items()}
             tasks_done, task = int(state["tasks_done"]), int(state["task"])
@@ -369,4 +389,8 @@ def build_strategy(cfg: ContinualConfig | dict) -> ContinualStrategy:
         return NaiveStrategy()
     if cfg.strategy == "joint":
         return JointStrategy()
+    if cfg.strategy == "knn":
+        from cdad_dist.continual.knn import make_knn_strategy
+
+        return make_knn_strategy(cfg)
     return CDADStrategy(cfg)

@@ -340,7 +340,7 @@ def render_sample(
     return normal, _to_uint8(image * gain + noise), region.astype(np.uint8)
 
 
-def _write_png(path: Path, arr: np.ndarray) -> None:
+def write_png(path: Path, arr: np.ndarray) -> None:
     if arr.ndim == 3:
         arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
     if not cv2.imwrite(str(path), arr):
@@ -407,8 +407,8 @@ def _write_class(cdir: Path, cls: str, size: int, seed: int, n_train: int, n_goo
         folder = cdir / split / defect
         folder.mkdir(parents=True, exist_ok=True)
         _, image, mask = render_sample(cls, defect, size=size, seed=seed, split=split, index=idx)
-        _write_png(folder / f"{idx:0{width}d}.png", image)
+        write_png(folder / f"{idx:0{width}d}.png", image)
         if defect != "good":
             gt = cdir / "ground_truth" / defect
             gt.mkdir(parents=True, exist_ok=True)
-            _write_png(gt / f"{idx:0{width}d}_mask.png", mask * np.uint8(255))
+            write_png(gt / f"{idx:0{width}d}_mask.png", mask * np.uint8(255))

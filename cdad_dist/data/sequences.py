@@ -21,6 +21,9 @@ VISA_CLASSES: tuple[str, ...] = (
 )  # fmt: skip
 # Demo order interleaves textures and objects so that every multi-class demo task mixes both kinds.
 DEMO_CLASSES: tuple[str, ...] = ("carpet", "bottle", "grid", "nut", "wood", "pill")
+# The real-photo check (data/real_photos.py): colour photos, then grey ones, then colour again, so that the
+# sequence crosses a strong change of image statistics in both directions.
+REAL_SEQUENCE_CLASSES: tuple[str, ...] = ("coffee", "chelsea", "coins", "camera", "astronaut", "rocket")
 
 ONE_CLASS_PER_TASK = "one-class-per-task"
 
@@ -112,6 +115,7 @@ def _named() -> dict[str, list[list[str]]]:
         "demo-3x2": _base_plus_steps("demo", d, 2, 2),
         "demo-2x3": _base_plus_steps("demo", d, 3, 3),
         "demo-1x6": _base_plus_steps("demo", d, 1, 1),
+        "real-3x2": _base_plus_steps("real", REAL_SEQUENCE_CLASSES, 2, 2),
     }
 
 

@@ -15,6 +15,12 @@ def scan_configured_dataset(data: DataConfig):
         if not root.exists():
             make_demo_dataset(root)
         return scan_dataset("folder", root, name="demo", skip_bad=data.skip_bad)
+    if data.dataset == "real_photos":
+        if not root.exists():
+            from cdad_dist.data.real_photos import make_real_dataset
+
+            make_real_dataset(root)
+        return scan_dataset("folder", root, name="real", skip_bad=data.skip_bad)
     if data.dataset == "folder":
         return scan_dataset("folder", root, name=data.folder_name, skip_bad=data.skip_bad)
     return scan_dataset(data.dataset, root, skip_bad=data.skip_bad)

@@ -37,6 +37,7 @@ from cdad_dist.engine.checkpoint import (
     save_checkpoint,
 )
 from cdad_dist.engine.data_prep import ensure_shards
+from cdad_dist.engine.latent_calibration import calibrate_latents, needs_calibration
 from cdad_dist.engine.run_dir import prepare_run_dir
 from cdad_dist.errors import CheckpointError, ConfigError
 from cdad_dist.eval.evaluator import Evaluator
@@ -116,6 +117,7 @@ class ContinualTrainer:
         self.matrix = AccuracyMatrix()
         self.image_size = resolve_config(cfg.model).image_size
         self.evaluator = Evaluator(cfg.eval, cfg.data, self.image_size, acc, self.run_dir)
+        self.strategy.bind(extractor=self.evaluator.extractor, image_size=self.image_size)
         self.global_step = 0
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         self.wrapped_model: torch.nn.Module | None = None  # the current task's DDP module / DeepSpeed engine
@@ -189,8 +191,8 @@ class ContinualTrainer:
                 self.manifest, self.tasks[t], self.cfg.data.batch_size * train.grad_accum,
                 self.accelerator.num_processes,
             )
-            return max(1, round(epochs * per_epoch))
-        return train.base_steps if t == 0 else train.incremental_steps
+            return self.strategy.task_steps(t, max(1, round(epochs * per_epoch)))
+        return self.strategy.task_steps(t, train.base_steps if t == 0 else train.incremental_steps)
 
     def run_task(self, t: int) -> None:
         acc, cfg = self.accelerator, self.cfg
@@ -200,6 +202,8 @@ class ContinualTrainer:
         start_step = self.position.step if resuming_here else 0
         self.log(f"task {t}: classes {classes}, {steps} steps" + (f" (from step {start_step})" if start_step else ""))
 
+        if needs_calibration(self.model, cfg.model.latent_scaling):  # first task of a fresh run only
+            calibrate_latents(self.model, self.train_images(classes), acc, self.log)
         self.strategy.begin_task(t, self.model, acc)
         param_groups = self.strategy.optimizer_param_groups(self.model, cfg.train.weight_decay)
         trainable = [p for group in param_groups for p in group["params"]]
@@ -227,7 +231,9 @@ class ContinualTrainer:
             self.train_task(t, ddp_model, optimizer, scheduler, trainable, steps, start_step)
             self.save(t, steps, task_end=False, training_done=True)
         self.strategy.end_task(t, self.model, self.capture_batches(classes), self.capture_forward(t), acc)
-        for cls, metrics in self.evaluator.evaluate(self.model, self.seen_classes(t), after_task=t).items():
+        results = self.evaluator.evaluate(self.model, self.seen_classes(t), after_task=t,
+                                          scorer=self.strategy.score_batch)
+        for cls, metrics in results.items():
             for metric, value in metrics.items():
                 self.matrix.record(metric, t, cls, value)
         self.log_task_metrics(t)
@@ -259,6 +265,7 @@ class ContinualTrainer:
             )
         )
         ddp_model.train()
+        self.loss_balance = LossBalanceWatch(cfg.train.loss_balance_warn, cfg.model.lambda_amn, self.log)
         bad_in_a_row = 0
         bar = tqdm(range(start_step, steps), desc=f"task {t}", disable=not acc.is_local_main_process, initial=start_step, total=steps)
         tick = time.perf_counter()
@@ -272,6 +279,7 @@ class ContinualTrainer:
                     "fp32 (train.mixed_precision=no)"
                 )
             self.global_step += 1
+            self.loss_balance.check(info, t, step)
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == steps:
                 elapsed = time.perf_counter() - tick
                 tick = time.perf_counter()
@@ -337,8 +345,15 @@ class ContinualTrainer:
 
         return capture_forward
 
+    def train_images(self, classes: list[str]):
+        """Every training image of `classes` once (each rank its share), unperturbed."""
+        return eval_stream(self.cfg.data.shards, classes, split="train", batch_size=self.cfg.eval.batch_size,
+                           image_size=self.image_size, rank=self.accelerator.process_index,
+                           world_size=self.accelerator.num_processes)
+
     def capture_batches(self, classes: list[str]):
         cap = self.cfg.continual.capture
+        images = self.strategy.capture_images(cap.images)
         return eval_stream(
             self.cfg.data.shards,
             classes,
@@ -347,8 +362,8 @@ class ContinualTrainer:
             image_size=self.image_size,
             rank=self.accelerator.process_index,
             world_size=self.accelerator.num_processes,
-            limit=cap.images if isinstance(cap.images, int) else None,
-            fraction=cap.images if isinstance(cap.images, float) else None,
+            limit=images if isinstance(images, int) else None,
+            fraction=images if isinstance(images, float) else None,
             seed=cap.seed,
         )
 
@@ -389,6 +404,28 @@ class ContinualTrainer:
                 self.accelerator.log({f"eval/{metric}_mean": mean}, step=self.global_step)
                 per_class = ", ".join(f"{c}={v:.3f}" for c, v in row.items())
                 self.log(f"after task {t}: {metric} mean {mean:.4f} ({per_class})")
+
+
+class LossBalanceWatch:
+    """Warns (once per task) when λ·AMN term and ε term differ by more than `factor`: the clipped gradient then
+    serves one objective only (seen: AMN 16957 vs ε 0.99 at the start of a colour task after grey ones)."""
+
+    def __init__(self, factor: float, lambda_amn: float, log) -> None:
+        self.factor, self.lambda_amn, self.log = factor, lambda_amn, log
+        self.warned = False
+
+    def check(self, info: dict[str, Any], t: int, step: int) -> None:
+        if self.warned or not self.factor or "amn_loss" not in info or not info.get("finite", True):
+            return
+        amn, eps = self.lambda_amn * info["amn_loss"], info["eps_loss"]
+        if amn <= 0 or eps <= 0:
+            return
+        ratio = amn / eps
+        if ratio > self.factor or ratio < 1 / self.factor:
+            self.warned = True
+            self.log(f"warning: task {t} step {step}: loss terms out of balance: lambda*AMN {amn:.4g} vs eps "
+                     f"{eps:.4g} (ratio {ratio:.3g}, limit {self.factor:g}; train.loss_balance_warn); "
+                     "model.amn_loss=normalized keeps the AMN term scale-free")
 
 
 def _flat_hparams(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -33,6 +33,9 @@ class AnomalyMapConfig:
     score: image score from the map: ``max`` or ``topk_mean`` (mean of the ``topk`` largest pixels).
     input_size: the extractor runs on images resized (bilinear) to this square size; None = the image size.
         The map is still returned at the image size.
+    reflect_pad: pixels (at the extractor's input size) of mirrored image added on every side before the
+        extractor and cropped from the map afterwards, so the extractor's zero padding does not light up the
+        image borders (0 = off).
     """
 
     extractor: str = "efficientnet_lite0"
@@ -43,8 +46,11 @@ class AnomalyMapConfig:
     score: str = "max"
     topk: int = 100
     input_size: int | None = None
+    reflect_pad: int = 0
 
     def __post_init__(self) -> None:
+        if self.reflect_pad < 0:
+            raise CdadError(f"anomaly_map.reflect_pad must be >= 0, got {self.reflect_pad}")
         if self.score not in SCORE_MODES:
             raise CdadError(f"anomaly_map.score must be one of {list(SCORE_MODES)}, got {self.score!r}")
         if self.sigma < 0 or self.truncate <= 0:
@@ -116,8 +122,19 @@ def anomaly_maps(
     pair = torch.cat([a, b]).float()
     if cfg.input_size is not None and tuple(pair.shape[-2:]) != (cfg.input_size, cfg.input_size):
         pair = F.interpolate(pair, size=(cfg.input_size,) * 2, mode="bilinear", align_corners=False, antialias=True)
+    n, p = a.shape[0], cfg.reflect_pad
+    if p:
+        inner = tuple(pair.shape[-2:])
+        if p >= min(inner):
+            raise CdadError(f"anomaly_map.reflect_pad={p} must be smaller than the extractor input {inner}")
+        pair = F.pad(pair, (p, p, p, p), mode="reflect")
     feats = extractor(pair)
-    n = a.shape[0]
-    maps = feature_distance([f[:n] for f in feats], [f[n:] for f in feats], size)
+    if p:  # distances at the padded input size, the mirrored frame cropped, then to the image size
+        maps = feature_distance([f[:n] for f in feats], [f[n:] for f in feats], tuple(pair.shape[-2:]))
+        maps = maps[..., p:-p, p:-p]
+        if tuple(maps.shape[-2:]) != size:
+            maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False, antialias=True)
+    else:
+        maps = feature_distance([f[:n] for f in feats], [f[n:] for f in feats], size)
     maps = gaussian_blur(maps, cfg.sigma, cfg.truncate)
     return maps, image_scores(maps, cfg.score, cfg.topk)

@@ -15,6 +15,7 @@ from accelerate.utils import gather_object
 from cdad_dist.data.stream import eval_stream
 from cdad_dist.eval.anomaly_map import extractor_from_config
 from cdad_dist.eval.metrics import ClassMetricAccumulator
+from cdad_dist.eval.recon_quality import psnr
 from cdad_dist.eval.report import save_heatmap_grid, write_report
 from cdad_dist.eval.scoring import batch_generator, score_batch
 from cdad_dist.faults import fault_point
@@ -31,7 +32,9 @@ class _Examples:
         for i, label in enumerate(batch["label"].tolist()):
             bucket = self.rows[int(label > 0)]
             if len(bucket) < self.per_kind:
-                title = f"{batch['defect'][i]} score {float(scores[i]):.3f}"
+                # PSNR of x̂ vs x: how faithful the reconstruction is (on a normal image it should be high)
+                db = float(psnr(batch["image"][i:i + 1], x_hat[i:i + 1].cpu())[0])
+                title = f"{batch['defect'][i]} score {float(scores[i]):.3f}, PSNR {db:.1f} dB"
                 bucket.append((batch["image"][i], x_hat[i].cpu(), maps[i].cpu(), batch["mask"][i], title))
 
     def save(self, path: Path) -> None:
@@ -52,13 +55,14 @@ class Evaluator:
         self.extractor = extractor_from_config(cfg.anomaly_map, device=accelerator.device)
 
     @torch.inference_mode()
-    def evaluate(self, model, classes: list[str], *, after_task: int) -> dict[str, dict[str, float]]:
+    def evaluate(self, model, classes: list[str], *, after_task: int, scorer=None) -> dict[str, dict[str, float]]:
+        """Metrics per class; `scorer` (a strategy's `score_batch`) may score batches instead of the model."""
         acc = self.accelerator
         was_training = model.training
         model.eval()
         results: dict[str, dict[str, float]] = {}
         for cls in classes:
-            state, examples = self._evaluate_class(model, cls, after_task)
+            state, examples = self._evaluate_class(model, cls, after_task, scorer)
             merged = ClassMetricAccumulator.from_states(cls, gather_object([state]))
             results[cls] = merged.compute()
             if acc.is_main_process and self.cfg.heatmap_images > 0:
@@ -67,7 +71,7 @@ class Evaluator:
         model.train(was_training)
         return results
 
-    def _evaluate_class(self, model, cls: str, after_task: int) -> tuple[dict, _Examples]:
+    def _evaluate_class(self, model, cls: str, after_task: int, scorer=None) -> tuple[dict, _Examples]:
         acc = self.accelerator
         metric = ClassMetricAccumulator(cls)
         examples = _Examples(self.cfg.heatmap_images)
@@ -87,7 +91,9 @@ class Evaluator:
             x = batch["image"].to(acc.device)
             # Evaluation noise depends on (seed, task, rank, batch) only: re-running an evaluation repeats it.
             generator = batch_generator((seed * 1009 + after_task) * 9973 + acc.process_index, index)
-            scored = score_batch(model, self.extractor, x, self.cfg, generator, autocast=acc.autocast)
+            scored = scorer(model, self.extractor, x, self.cfg, generator, acc.autocast) if scorer else None
+            if scored is None:
+                scored = score_batch(model, self.extractor, x, self.cfg, generator, autocast=acc.autocast)
             metric.update(scored.scores.cpu(), scored.maps.cpu(), batch["label"], batch["mask"])
             if acc.is_main_process:
                 examples.add(batch, scored.x_hat, scored.maps, scored.scores)

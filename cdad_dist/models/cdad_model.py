@@ -33,6 +33,34 @@ def make_schedulers() -> tuple[DDPMScheduler, DDIMScheduler]:
     return ddpm, ddim
 
 
+AMN_LOSSES = ("normalized", "mse")
+DENOISE_FROM = ("clean", "perturbed")
+
+
+def amn_feature_loss(c: torch.Tensor, target: torch.Tensor, kind: str = "normalized") -> torch.Tensor:
+    """The AMN term ‖E_no(E_lo(x̃)+pos) − E_lo(x)‖².
+
+    ``mse`` is the paper's plain MSE; its scale is the (unbounded) scale of the bias-free local encoder's
+    features, so a class whose colours differ from the earlier ones can make it outweigh the ε loss by orders of
+    magnitude (measured: 16957 vs 0.99 at the start of a colour task after grey ones). ``normalized`` (default)
+    compares the two after standardising each token over its channels (a LayerNorm without affine): every token
+    has unit RMS, so the term lies in [0, 4] whatever the images, and it still vanishes exactly when the
+    directions agree.
+    """
+    if kind == "mse":
+        return F.mse_loss(c.float(), target.float())
+    return F.mse_loss(_standardise_tokens(c), _standardise_tokens(target))
+
+
+def _standardise_tokens(f: torch.Tensor) -> torch.Tensor:
+    """B×C×H×W → B×H×W×C with every token at zero mean / unit RMS over C. The tensor is first divided by its
+    global RMS (a detached scalar), so the LayerNorm's ε acts at unit scale: exactly scale-free, even for features
+    of 1e-3, and no 1/√ε gradient blow-up on near-constant tokens."""
+    f = f.float().movedim(1, -1)
+    rms = f.detach().pow(2).mean().sqrt().clamp_min(1e-30)
+    return F.layer_norm(f / rms, (f.shape[-1],), eps=1e-5)
+
+
 class _ConditionInjector:
     """Forward hook on ``conv_in``: adds the pending condition to its output.
 
@@ -57,7 +85,8 @@ class CDADModel(nn.Module):
     """Trainable ``unet`` and ``amn``; frozen ``first_stage``; constant ``context`` buffer (1×L×D)."""
 
     def __init__(self, unet: nn.Module, amn: AMN, first_stage: nn.Module, context: torch.Tensor,
-                 lambda_amn: float = 1.0, amn_target_detach: bool = False):
+                 lambda_amn: float = 1.0, amn_target_detach: bool = False, amn_loss: str = "normalized",
+                 train_t_range: tuple[int, int] | None = None, denoise_from: str = "clean"):
         super().__init__()
         self.unet = unet
         self.amn = amn
@@ -76,7 +105,18 @@ class CDADModel(nn.Module):
         self.register_buffer("context", context.detach().float().clone())
         self.lambda_amn = float(lambda_amn)
         self.amn_target_detach = bool(amn_target_detach)
+        if amn_loss not in AMN_LOSSES:
+            raise ConfigError(f"CDADModel: amn_loss must be one of {AMN_LOSSES}, got {amn_loss!r}")
+        self.amn_loss = amn_loss
+        if denoise_from not in DENOISE_FROM:
+            raise ConfigError(f"CDADModel: denoise_from must be one of {DENOISE_FROM}, got {denoise_from!r}")
+        self.denoise_from = denoise_from
         self.noise_scheduler, self.ddim_scheduler = make_schedulers()
+        T = self.noise_scheduler.config.num_train_timesteps
+        lo, hi = train_t_range if train_t_range is not None else (0, T)
+        if not 0 <= lo < hi <= T:
+            raise ConfigError(f"CDADModel: train_t_range must satisfy 0 <= lo < hi <= {T}, got {train_t_range}")
+        self.train_t_range = (int(lo), int(hi))
         self._injector = _ConditionInjector()
         self.unet.conv_in.register_forward_hook(self._injector)
 
@@ -115,16 +155,24 @@ class CDADModel(nn.Module):
         z = self.encode(image)
         b = z.shape[0]
         dev = generator.device if generator is not None else z.device
-        T = self.noise_scheduler.config.num_train_timesteps
-        t = torch.randint(0, T, (b,), generator=generator, device=dev).to(z.device)
+        t = torch.randint(*self.train_t_range, (b,), generator=generator, device=dev).to(z.device)
         noise = torch.randn(z.shape, generator=generator, device=dev, dtype=z.dtype).to(z.device)
-        z_t = self.noise_scheduler.add_noise(z, noise, t)
+        if self.denoise_from == "perturbed":
+            # Noise-to-norm (DiffusionAD): noise the perturbed latent, and ask for the ε that leads back to the
+            # CLEAN latent, ε* = (z_t − √ᾱ·z)/√(1−ᾱ) (= ε outside the perturbed patch): the denoiser itself learns
+            # to replace anomalies by normal content, not only the AMN condition.
+            z_t = self.noise_scheduler.add_noise(self.encode(perturbed), noise, t)
+            a = self.noise_scheduler.alphas_cumprod.to(z.device)[t].view(b, 1, 1, 1).float()
+            eps_target = (z_t.float() - a.sqrt() * z.float()) / (1 - a).sqrt()
+        else:
+            z_t = self.noise_scheduler.add_noise(z, noise, t)
+            eps_target = noise.float()
         local = self.amn.encode_local(torch.cat([perturbed, image]))
         local_pert, local_clean = local[:b], local[b:]
         c = self.amn.encode_nonlocal(local_pert)
         target = local_clean.detach() if self.amn_target_detach else local_clean
-        amn_loss = F.mse_loss(c.float(), target.float())
-        eps_loss = F.mse_loss(self.predict_eps(z_t, t, c).float(), noise.float())
+        amn_loss = amn_feature_loss(c, target, self.amn_loss)
+        eps_loss = F.mse_loss(self.predict_eps(z_t, t, c).float(), eps_target)
         return {"loss": eps_loss + self.lambda_amn * amn_loss, "eps_loss": eps_loss.detach(),
                 "amn_loss": amn_loss.detach()}
 

@@ -10,6 +10,14 @@ sample: the anomaly map compares D(E(x)) with the reconstruction, and a sampled 
 ``pixel_unshuffle`` of the image mapped to [-1, 1]. No pretrained VAE is available offline, and a VAE trained on
 the CPU would add its own reconstruction error to every anomaly map (D(E(x)) ≠ x), hiding what the denoiser does;
 space-to-depth keeps D(E(x)) = x exactly while still giving the U-Net a small latent grid (64 px ÷ 4 → 16×16×48).
+
+Latent scaling: SD's VAE latents are multiplied by ``scaling_factor`` (0.18215) so that they have unit variance,
+which is what the noise schedule assumes. Pixels mapped to ``2x−1`` have no such scale: on real photos their std
+is ~0.2 (mean ~−0.1), so at t=300 the noise (std 0.64) is ~4× the signal and the texture is destroyed. The
+space-to-depth stage therefore carries a ``shift`` and a ``scale`` (SD3's VAE has the same pair:
+``shift_factor`` / ``scaling_factor``), estimated once on the first task's training images
+(``calibrate_latents``), stored as buffers (so checkpoints, ``--resume`` and ``cdad predict`` carry them) and
+never changed afterwards (the first stage is frozen across tasks). Until calibrated it is the identity scaling.
 """
 from __future__ import annotations
 
@@ -50,16 +58,35 @@ class SpaceToDepthFirstStage(FirstStage):
             raise ConfigError(f"SpaceToDepthFirstStage: factor must be ≥ 1, got {factor}")
         self.factor = factor
         self.latent_channels = 3 * factor * factor
+        # [shift, scale, calibrated]: z = (2x−1 − shift) · scale. Buffers, so they travel in every state dict.
+        self.register_buffer("latent_stats", torch.tensor([0.0, 1.0, 0.0]))
         self.freeze()
+
+    @property
+    def calibrated(self) -> bool:
+        return bool(self.latent_stats[2] > 0)
+
+    @property
+    def shift_scale(self) -> tuple[float, float]:
+        return float(self.latent_stats[0]), float(self.latent_stats[1])
+
+    def set_latent_stats(self, mean: float, std: float) -> None:
+        """Unit variance, zero mean latents for pixels of the given mean/std (in 2x−1 units)."""
+        if not (std > 0 and torch.isfinite(torch.tensor([mean, std])).all()):
+            raise ConfigError(f"SpaceToDepthFirstStage: latent statistics must be finite with std > 0, got "
+                              f"mean={mean}, std={std}")
+        self.latent_stats.copy_(torch.tensor([mean, 1.0 / std, 1.0], dtype=torch.float32))
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         _check_image(x, self.factor, type(self).__name__)
-        return nn.functional.pixel_unshuffle(x * 2 - 1, self.factor)
+        shift, scale = self.latent_stats[0].to(x.dtype), self.latent_stats[1].to(x.dtype)
+        return nn.functional.pixel_unshuffle((x * 2 - 1 - shift) * scale, self.factor)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         x = nn.functional.pixel_shuffle(z.float(), self.factor)
+        x = x / self.latent_stats[1].float() + self.latent_stats[0].float()
         return ((x + 1) / 2).clamp(0, 1)
 
 

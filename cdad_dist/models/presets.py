@@ -22,13 +22,14 @@ import torch
 
 from cdad_dist.errors import ConfigError
 from cdad_dist.models.amn import AMN, ATTENTION_BACKENDS, LOCAL_CHANNELS, AMNConfig, neighbour_mask
-from cdad_dist.models.cdad_model import CDADModel
+from cdad_dist.models.cdad_model import AMN_LOSSES, DENOISE_FROM, CDADModel
 from cdad_dist.models.first_stage import SpaceToDepthFirstStage, VAEFirstStage
 from cdad_dist.models import loaders
 
 log = logging.getLogger(__name__)
 
 FIRST_STAGES = ("space_to_depth", "autoencoder_kl")
+LATENT_SCALINGS = ("data", "none")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 PRESETS: dict[str, dict] = {
@@ -85,6 +86,16 @@ class ModelConfig:
     context_path: str | None = None            # empty_prompt.safetensors overriding the CLIP/auto lookup
     lambda_amn: float = 1.0
     amn_target_detach: bool = False
+    amn_loss: str = "normalized"               # "normalized" (scale-free, per-token standardised) | "mse" (paper)
+    # Training timesteps drawn uniformly from [lo, hi) (null: all T). Evaluation only ever starts at start_t /
+    # one_step_t, so a small model does better when its capacity goes to the noise levels it is used at.
+    train_t_range: tuple[int, int] | None = None
+    # space_to_depth only: "data" estimates shift/scale for unit-variance latents on the first task's training
+    # images (like SD's VAE scaling_factor, stored with the model); "none" keeps 2x−1.
+    latent_scaling: str = "data"
+    # "clean" (CDAD): the U-Net denoises the clean latent, anomalies are repaired through the AMN condition only;
+    # "perturbed" (DiffusionAD's noise-to-norm): it denoises the NSA-perturbed latent towards the clean one.
+    denoise_from: str = "clean"
     gradient_checkpointing: bool = False
     attention_backend: str = "sdpa"            # "sdpa" | "xformers"
     first_stage_dtype: str = "float32"         # compute dtype of the frozen VAE
@@ -119,6 +130,17 @@ def _check(cfg: ModelConfig) -> None:
     if cfg.image_size % cfg.first_stage_factor:
         raise ConfigError(f"model.image_size {cfg.image_size} is not divisible by first_stage_factor "
                           f"{cfg.first_stage_factor}")
+    if cfg.amn_loss not in AMN_LOSSES:
+        raise ConfigError(f"model.amn_loss: {cfg.amn_loss!r} is not one of {AMN_LOSSES}")
+    if cfg.denoise_from not in DENOISE_FROM:
+        raise ConfigError(f"model.denoise_from: {cfg.denoise_from!r} is not one of {DENOISE_FROM}")
+    if cfg.latent_scaling not in LATENT_SCALINGS:
+        raise ConfigError(f"model.latent_scaling: {cfg.latent_scaling!r} is not one of {LATENT_SCALINGS}")
+    if cfg.train_t_range is not None:
+        lo, hi = cfg.train_t_range if len(cfg.train_t_range) == 2 else (None, None)
+        if lo is None or not 0 <= lo < hi <= 1000:
+            raise ConfigError(f"model.train_t_range: expected [lo, hi] with 0 <= lo < hi <= 1000, got "
+                              f"{list(cfg.train_t_range)}")
     if cfg.lambda_amn < 0:
         raise ConfigError(f"model.lambda_amn must be ≥ 0, got {cfg.lambda_amn}")
 
@@ -192,7 +214,8 @@ def build_model(cfg: ModelConfig | None = None) -> CDADModel:
     grid = cfg.image_size // first_stage.factor
     neighbour_mask(grid, grid, cfg.amn_neighbour)  # fail now, not at the first step, if k hides everything
     context = _build_context(cfg, unet.config.cross_attention_dim)
-    model = CDADModel(unet, amn, first_stage, context, cfg.lambda_amn, cfg.amn_target_detach)
+    model = CDADModel(unet, amn, first_stage, context, cfg.lambda_amn, cfg.amn_target_detach, cfg.amn_loss,
+                      cfg.train_t_range, cfg.denoise_from)
     model.model_config = cfg
     model.train()
     if cfg.gradient_checkpointing:
