@@ -124,7 +124,9 @@ def _cmd_predict(args) -> int:
 def _cmd_bench(args) -> int:
     from cdad_dist.bench import run_benchmarks
 
-    results = run_benchmarks(args.name, quick=args.quick, out_dir=Path(args.out), config=args.config)
+    strategies = [s for s in args.strategies.split(",") if s] if args.strategies else None
+    results = run_benchmarks(args.name, quick=args.quick, out_dir=Path(args.out), config=args.config,
+                             strategies=strategies)
     print(json.dumps({k: v.get("summary", "") for k, v in results.items()}, indent=2))
     return 0
 
@@ -191,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--config", default=None,
                        help="run config for `inference` and `continual` (dataset, model, evaluation), e.g. "
                             "configs/real.yaml; default configs/demo.yaml")
+    bench.add_argument("--strategies", default=None,
+                       help="`continual` only: comma-separated rows, e.g. naive,cdad,joint,knn (default: all)")
     bench.set_defaults(func=_cmd_bench)
     return parser
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from cdad_dist.eval.scoring import ScoredBatch
 from cdad_dist.models.presets import ModelConfig, build_model
 
 SIZE = 32
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _batches(n_batches: int = 2, device: str = "cpu") -> list[dict]:
@@ -132,6 +135,11 @@ def test_training_settings_are_a_valid_config_named_by_their_values(tmp_path):
     assert cfg.run_dir.parent == tmp_path / "runs"
     other = bench._train_overrides(bench.InferenceBenchConfig(train_steps=10), tmp_path)
     assert other[-1] != overrides[-1] and bench._train_overrides(quick, tmp_path)[-1] == overrides[-1]
+    # Any dataset: the real-photo config trains on its first task, its data generated under the work folder.
+    real = bench.InferenceBenchConfig.quick(str(REPO / "configs" / "real.yaml"))
+    real_cfg = load_config(real.config, bench._train_overrides(real, tmp_path))
+    assert real_cfg.sequence == [["real/coffee", "real/chelsea"]] and real_cfg.data.dataset == "real_photos"
+    assert Path(real_cfg.data.root).parent == tmp_path and real_cfg.run_dir.name != cfg.run_dir.name
 
 
 def test_stage_costs_count_the_work_of_each_stage(micro):

@@ -26,7 +26,8 @@ BENCHMARKS = {
 CONFIGURABLE = ("inference", "continual")  # benchmarks that take a run config (`--config`: any dataset)
 
 
-def run_benchmarks(name: str, *, quick: bool, out_dir: Path, config: str | None = None) -> dict[str, Any]:
+def run_benchmarks(name: str, *, quick: bool, out_dir: Path, config: str | None = None,
+                   strategies: list[str] | None = None) -> dict[str, Any]:
     names = list(BENCHMARKS) if name == "all" else [name]
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
@@ -40,6 +41,8 @@ def run_benchmarks(name: str, *, quick: bool, out_dir: Path, config: str | None 
         module = importlib.import_module(BENCHMARKS[bench])
         start = time.perf_counter()
         kwargs = {"config": config} if config is not None and bench in CONFIGURABLE else {}
+        if strategies and bench == "continual":
+            kwargs["strategies"] = strategies
         results[bench] = module.run(quick, out_dir / bench, **kwargs)
         seconds = time.perf_counter() - start
         if isinstance(results[bench], dict):

@@ -206,9 +206,11 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
 
 
 def run(quick: bool, out_dir, *, cfg: ContinualBenchConfig | None = None, config: str | None = None,
-        log=print) -> dict[str, Any]:
+        strategies: list[str] | None = None, log=print) -> dict[str, Any]:
     config = config or DEFAULT_CONFIG
     cfg = cfg or (ContinualBenchConfig.quick(config) if quick else ContinualBenchConfig(config=config))
+    if strategies:
+        cfg = ContinualBenchConfig(**{**asdict(cfg), "strategies": list(strategies)})
     work = Path(out_dir)
     work.mkdir(parents=True, exist_ok=True)
     common = _common_overrides(cfg, work)
