@@ -54,7 +54,7 @@ JOINT_GAP_TARGET_POINTS = 3.0
 
 @dataclass
 class ContinualBenchConfig:
-    config: str = DEFAULT_CONFIG           # the run config whose dataset, model and evaluation are compared
+    config: str = str(DEFAULT_CONFIG)      # the run config whose dataset, model and evaluation are compared
     sequence: str | None = None            # None: the config's sequence
     strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
     base_steps: int | None = None         # None: configs/demo.yaml's budget
@@ -72,6 +72,7 @@ class ContinualBenchConfig:
                    max_test_per_class=10, capture_images=8)
 
     def __post_init__(self) -> None:
+        self.config = str(self.config)
         unknown = [s for s in self.strategies if s not in STRATEGIES]
         if unknown:
             raise ConfigError(f"bench continual: unknown strategies {unknown}; choose from {list(STRATEGIES)}")
@@ -207,7 +208,7 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
 
 def run(quick: bool, out_dir, *, cfg: ContinualBenchConfig | None = None, config: str | None = None,
         strategies: list[str] | None = None, log=print) -> dict[str, Any]:
-    config = config or DEFAULT_CONFIG
+    config = str(config or DEFAULT_CONFIG)
     cfg = cfg or (ContinualBenchConfig.quick(config) if quick else ContinualBenchConfig(config=config))
     if strategies:
         cfg = ContinualBenchConfig(**{**asdict(cfg), "strategies": list(strategies)})
@@ -221,14 +222,14 @@ def run(quick: bool, out_dir, *, cfg: ContinualBenchConfig | None = None, config
     continual = [s for s in cfg.strategies if s != "joint" and s not in TRAINING_FREE]
     if cfg.share_base_task and continual:
         base = common + STRATEGIES["naive"] + ["tasks=0:1"]
-        base_dir, seconds["base_task"] = _train(cfg.config, base + [f"name=cbench-base-{_tag([cfg.config] + base)}"], 1, log)
+        base_dir, seconds["base_task"] = _train(cfg.config, base + [f"name=cbench-base-{_tag([str(cfg.config)] + base)}"], 1, log)
     for name in cfg.strategies:
         overrides = common + STRATEGIES[name]
         if base_dir is not None and name in continual:
             overrides = overrides + [f"train.init_from={base_dir}"]
         log(f"bench continual: strategy {name}")
         tasks_in_run = 1 if name == "joint" else n_tasks  # joint collapses the sequence into one task
-        run_dirs[name], seconds[name] = _train(cfg.config, overrides + [f"name=cbench-{name}-{_tag([cfg.config] + overrides)}"],
+        run_dirs[name], seconds[name] = _train(cfg.config, overrides + [f"name=cbench-{name}-{_tag([str(cfg.config)] + overrides)}"],
                                                tasks_in_run, log)
     matrices = {name: AccuracyMatrix.from_dict(json.loads((d / "report" / "results.json").read_text())["matrix"])
                 for name, d in run_dirs.items()}

@@ -57,7 +57,7 @@ DEMO_TASK0 = ["demo/carpet", "demo/bottle"]  # task 0 of demo-3x2
 
 @dataclass
 class InferenceBenchConfig:
-    config: str = DEFAULT_CONFIG          # the run config (dataset, model, evaluation) of the measured model
+    config: str = str(DEFAULT_CONFIG)     # the run config (dataset, model, evaluation) of the measured model
     train_steps: int | None = None        # None: the config's base-task budget (train.base_steps)
     image_size: int | None = None         # None: the config's (the tiny preset's 64 px)
     classes: list[str] | None = None      # None: the first task of the config's sequence
@@ -229,7 +229,7 @@ def _train_overrides(cfg: InferenceBenchConfig, work: Path) -> list[str]:
         model.append(f"train.base_steps={cfg.train_steps}")
     if cfg.image_size is not None:
         model.append(f"model.image_size={cfg.image_size}")
-    tag = hashlib.sha256(json.dumps([cfg.config] + model).encode()).hexdigest()[:10]
+    tag = hashlib.sha256(json.dumps([str(cfg.config)] + model).encode()).hexdigest()[:10]
     dataset = load_config(cfg.config).data.dataset
     data = "-".join(c.split("/", 1)[-1] for c in classes)  # one generated data set per class list
     # The engine's own evaluation after the task is not what is measured here: kept small.

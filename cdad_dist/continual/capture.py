@@ -239,7 +239,10 @@ def make_capture_forward(model: nn.Module, cfg: CaptureConfig, reconstruction=No
         z0 = model.encode(x)
         c = model.condition(x)
         if cfg.mode == "trajectory":
-            reconstruct_latent(model, z0, c, trajectory, generator)
+            # A DDIM run is `ddim_steps` U-Net calls; a one_step / fused run is one, so it is repeated with
+            # `ddim_steps` noise draws at its own t (as many captured inputs per image as a DDIM run).
+            for _ in range(1 if trajectory.mode == "ddim" else cfg.ddim_steps):
+                reconstruct_latent(model, z0, c, trajectory, generator)
             return
         n = z0.shape[0]
         for _ in range(cfg.random_timesteps):
