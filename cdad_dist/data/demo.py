@@ -388,25 +388,30 @@ def make_demo_dataset(
             if not overwrite:
                 raise DatasetError(f"{cdir} already exists; pass overwrite=True to regenerate it")
             shutil.rmtree(cdir)
-        _write_class(cdir, cls, size, seed, n_train, n_test_good, n_test_bad)
+        write_class(cdir, lambda split, defect, idx, cls=cls: render_sample(cls, defect, size=size, seed=seed,
+                                                                             split=split, index=idx),
+                    DEFECTS, n_train, n_test_good, n_test_bad)
     info = {"size": size, "seed": seed, "n_train": n_train, "n_test_good": n_test_good,
             "n_test_bad": n_test_bad, "classes": classes, "defects": list(DEFECTS)}  # fmt: skip
     (out / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
     return out
 
 
-def _write_class(cdir: Path, cls: str, size: int, seed: int, n_train: int, n_good: int, n_bad: int) -> None:
+def write_class(cdir: Path, render: Callable[[str, str, int], tuple], defects: Sequence[str], n_train: int,
+                n_good: int, n_bad: int) -> None:
+    """One class in MVTec layout; `render(split, defect, index) -> (normal, image, mask)`. Anomalous test images
+    cycle through `defects`. Shared by the generated datasets (demo, real photos)."""
     width = max(3, len(str(max(n_train, n_good, n_bad))))
     jobs = [("train", "good", i) for i in range(n_train)] + [("test", "good", i) for i in range(n_good)]
     per_defect: dict[str, int] = {}
     for i in range(n_bad):
-        kind = DEFECTS[i % len(DEFECTS)]
+        kind = defects[i % len(defects)]
         jobs.append(("test", kind, per_defect.get(kind, 0)))
         per_defect[kind] = per_defect.get(kind, 0) + 1
     for split, defect, idx in jobs:
         folder = cdir / split / defect
         folder.mkdir(parents=True, exist_ok=True)
-        _, image, mask = render_sample(cls, defect, size=size, seed=seed, split=split, index=idx)
+        _, image, mask = render(split, defect, idx)
         write_png(folder / f"{idx:0{width}d}.png", image)
         if defect != "good":
             gt = cdir / "ground_truth" / defect

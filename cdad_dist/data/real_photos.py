@@ -200,7 +200,7 @@ def make_real_dataset(out: str | Path, *, size: int = 128, n_train: int = 80, n_
                       n_test_bad: int = 20, seed: int = 0, classes: Sequence[str] | None = None,
                       overwrite: bool = False) -> Path:
     """Write `<out>/<class>/{train/good, test/<defect>, ground_truth/<defect>/<stem>_mask.png}` (MVTec layout)."""
-    from cdad_dist.data.demo import write_png
+    from cdad_dist.data.demo import write_class
 
     classes = list(REAL_CLASSES if classes is None else classes)
     unknown = [c for c in classes if c not in REAL_CLASSES]
@@ -218,22 +218,9 @@ def make_real_dataset(out: str | Path, *, size: int = 128, n_train: int = 80, n_
                 raise DatasetError(f"{cdir} already exists; pass overwrite=True to regenerate it")
             shutil.rmtree(cdir)
         photo = load_photo(cls)
-        width = max(3, len(str(max(n_train, n_test_good, n_test_bad))))
-        jobs = [("train", "good", i) for i in range(n_train)] + [("test", "good", i) for i in range(n_test_good)]
-        counts: dict[str, int] = {}
-        for i in range(n_test_bad):
-            kind = DEFECTS[i % len(DEFECTS)]
-            jobs.append(("test", kind, counts.get(kind, 0)))
-            counts[kind] = counts.get(kind, 0) + 1
-        for split, defect, idx in jobs:
-            folder = cdir / split / defect
-            folder.mkdir(parents=True, exist_ok=True)
-            _, image, mask = render_sample(cls, defect, size=size, seed=seed, split=split, index=idx, photo=photo)
-            write_png(folder / f"{idx:0{width}d}.png", image)
-            if defect != "good":
-                gt = cdir / "ground_truth" / defect
-                gt.mkdir(parents=True, exist_ok=True)
-                write_png(gt / f"{idx:0{width}d}_mask.png", mask * np.uint8(255))
+        write_class(cdir, lambda split, defect, idx, cls=cls, photo=photo: render_sample(
+            cls, defect, size=size, seed=seed, split=split, index=idx, photo=photo), DEFECTS, n_train, n_test_good,
+            n_test_bad)
     info = {"size": size, "seed": seed, "n_train": n_train, "n_test_good": n_test_good, "n_test_bad": n_test_bad,
             "classes": classes, "defects": list(DEFECTS), "source": "scikit-image data"}
     (out / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
