@@ -119,10 +119,29 @@ def test_corrupt_checkpoint_is_skipped_on_resume(tmp_path, demo_root):
     assert any("checksum" in m for m in messages)
 
 
+def _captured_images(run_dir: Path) -> list[int]:
+    """Images the CDAD capture pass saw per task, over all ranks (from the saved strategy history)."""
+    last = list_checkpoints(run_dir / "checkpoints")[-1]
+    return [h["images"] for h in torch.load(last.path / "strategy.pt", weights_only=False)["history"]]
+
+
+@pytest.mark.parametrize("images, expected", [("3", 3), ("0.5", 8), ("1.0", 16)])
+def test_capture_count_and_fraction_are_applied_once(tmp_path, demo_root, images, expected):
+    """continual.capture.images through the trainer: a count of the task's images, or a fraction of each class's
+    (8 training images per class, a two-class task). Applying a fraction twice would capture about a quarter."""
+    overrides = micro_overrides(tmp_path, demo_root, name="cap", extra=[
+        "sequence=[[demo/carpet, demo/bottle]]", f"continual.capture.images={images}", "train.base_steps=1",
+        "eval.max_test_per_class=1"])
+    train(load_config(None, overrides))
+    assert _captured_images(tmp_path / "runs" / "cap") == [expected]
+
+
 @pytest.mark.distributed
 def test_two_process_cpu_launch_trains_and_resumes(tmp_path, demo_root):
-    """`accelerate launch --config_file launch/cpu-2proc.yaml train.py` really runs 2 ranks, and resumes."""
-    overrides = micro_overrides(tmp_path, demo_root, name="ddp", extra=["train.checkpoint_every=2"])
+    """`accelerate launch --config_file launch/cpu-2proc.yaml train.py` really runs 2 ranks, and resumes; the
+    capture fraction is applied once over both ranks (half of each task's 8 training images)."""
+    overrides = micro_overrides(tmp_path, demo_root, name="ddp", extra=["train.checkpoint_every=2",
+                                                                        "continual.capture.images=0.5"])
     cmd = accelerate_launch_cmd(REPO / "launch" / "cpu-2proc.yaml", REPO / "train.py", overrides)
     _, second = run_first_task_then_resume(cmd, cwd=tmp_path)
     run_dir = tmp_path / "runs" / "ddp"
@@ -131,6 +150,7 @@ def test_two_process_cpu_launch_trains_and_resumes(tmp_path, demo_root):
     assert [r.task for r in refs if r.task_end] == [0, 1]
     # Both ranks saved their RNG state: the run really had two processes.
     assert (refs[-1].path / "random_states_1.pkl").exists()
+    assert _captured_images(run_dir) == [4, 4]
 
 
 def test_init_from_another_runs_base_task(tmp_path, demo_root):

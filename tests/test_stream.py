@@ -13,7 +13,7 @@ import cdad_dist.data.stream as stream_mod
 from cdad_dist.data.images import read_rgb
 from cdad_dist.data.shards import build_shards, load_manifest
 from cdad_dist.data.stream import StreamConfig, _buffer_order, eval_stream, steps_per_epoch, train_stream
-from cdad_dist.errors import ShardError
+from cdad_dist.errors import ConfigError, ShardError
 from dist_utils import run_distributed
 from test_shards import make_records
 
@@ -211,6 +211,15 @@ def test_eval_stream_order_and_subsets(data):
     half = keys(list(eval_stream(data["small"], ["other/c"], split="train", batch_size=4, image_size=16,
                                  fraction=0.5)))
     assert len(half) == 3
+    # total: a count over all the classes, chosen before the rank split, so 1 and 2 ranks take the same images
+    whole = keys(list(eval_stream(data["small"], AB, split="train", batch_size=4, image_size=16, total=7, seed=1)))
+    split = [keys(list(eval_stream(data["small"], AB, split="train", batch_size=4, image_size=16, total=7, seed=1,
+                                   rank=r, world_size=2))) for r in range(2)]
+    assert len(whole) == 7 and sorted(whole) == sorted(split[0] + split[1]) and [len(p) for p in split] == [4, 3]
+    assert whole != keys(list(eval_stream(data["small"], AB, split="train", batch_size=4, image_size=16, total=7,
+                                          seed=2)))
+    with pytest.raises(ConfigError, match="total"):
+        eval_stream(data["small"], AB, split="train", batch_size=4, image_size=16, total=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------

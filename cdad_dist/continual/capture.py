@@ -10,10 +10,9 @@ from __future__ import annotations
 import dataclasses
 
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -30,7 +29,9 @@ class CaptureConfig:
     """Which forward passes feed the sketches after a task."""
 
     mode: str = "trajectory"  # trajectory: DDIM steps from the start timestep as at test time; random_t
-    images: int | float = 0.1  # int ≥ 1: number of images (over all ranks); float in (0, 1]: fraction
+    # int ≥ 1: images of the task over all ranks; float in (0, 1]: fraction of each class. Applied once, by the
+    # caller that streams the images (Trainer.capture_batches → eval_stream), never again by the strategy.
+    images: int | float = 0.1
     max_columns_per_block: int | None = None  # None keeps every column of every block
     seed: int = 0
     ddim_steps: int = 10  # trajectory mode
@@ -141,79 +142,6 @@ class FeatureCapture:
 
 
 # -- which images feed the capture pass ---------------------------------------------------------------------------
-
-def _batch_size(batch: dict) -> int:
-    for value in batch.values():
-        if isinstance(value, Tensor) and value.dim() > 0:
-            return int(value.shape[0])
-        if isinstance(value, (list, tuple)):
-            return len(value)
-    raise ConfigError("capture batch has no tensor or list field to take its size from")
-
-
-def _take_rows(batch: dict, rows: list[int]) -> dict:
-    """Sub-batch with the given rows of every per-sample field (tensors are copied, not views)."""
-    size = _batch_size(batch)
-    out = {}
-    index = torch.tensor(rows, dtype=torch.long)
-    for key, value in batch.items():
-        if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == size:
-            out[key] = value.index_select(0, index.to(value.device))
-        elif isinstance(value, (list, tuple)) and len(value) == size:
-            out[key] = type(value)(value[i] for i in rows)
-        else:
-            out[key] = value
-    return out
-
-
-def _concat(rows: list[dict]) -> dict:
-    out = {}
-    for key, value in rows[0].items():
-        if isinstance(value, Tensor) and value.dim() > 0:
-            out[key] = torch.cat([r[key] for r in rows])
-        elif isinstance(value, (list, tuple)):
-            out[key] = type(value)(v for r in rows for v in r[key])
-        else:
-            out[key] = value
-    return out
-
-
-def local_count(total: int, rank: int, world: int) -> int:
-    """This rank's share of a global image count (the first total % world ranks take one more)."""
-    return total // world + (1 if rank < total % world else 0)
-
-
-def select_capture_batches(batches: Iterable[dict], cfg: CaptureConfig, rank: int = 0, world: int = 1,
-                           task_index: int = 0) -> Iterator[dict]:
-    """Yield this rank's seeded sample of its own images.
-
-    Fraction: an independent seeded coin per image, streamed. Count: a uniform reservoir sample of this rank's
-    share (the selected images, not activations, are held), re-batched at the incoming batch size.
-    """
-    rng = np.random.default_rng([cfg.seed, task_index, rank])
-    if isinstance(cfg.images, float):
-        for batch in batches:
-            keep = np.flatnonzero(rng.random(_batch_size(batch)) < cfg.images).tolist()
-            if keep:
-                yield _take_rows(batch, keep)
-        return
-    quota = local_count(int(cfg.images), rank, world)
-    reservoir: list[dict] = []
-    seen, batch_size = 0, 1
-    for batch in batches:
-        size = _batch_size(batch)
-        batch_size = max(batch_size, size)
-        for row in range(size):
-            if len(reservoir) < quota:
-                reservoir.append(_take_rows(batch, [row]))
-            else:
-                slot = int(rng.integers(0, seen + 1))
-                if slot < quota:
-                    reservoir[slot] = _take_rows(batch, [row])
-            seen += 1
-    for start in range(0, len(reservoir), batch_size):
-        yield _concat(reservoir[start:start + batch_size])
-
 
 def make_capture_forward(model: nn.Module, cfg: CaptureConfig, reconstruction=None, rank: int = 0,
                          device: torch.device | str | None = None) -> Callable[[dict], None]:

@@ -70,7 +70,7 @@ def assign_owners(costs: dict[str, float], world: int) -> dict[str, int]:
     return owners
 
 
-def _comm_device(group=None) -> torch.device:
+def comm_device(group=None) -> torch.device:
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -108,7 +108,7 @@ def reduce_and_finalize(sketches: dict[str, Sketch], finalize: Finalize, group=N
             info[name] = meta
         return ReduceResult(bases, info, bases_digest(bases), {n: 0 for n in bases})
     _check_same_layers(sketches, rank, world, group)
-    device = _comm_device(group)
+    device = comm_device(group)
     names = sorted(sketches)
     owners = _agree_on_owners(sketches, names, world, device, group)
     owned = _reduce_to_owners(sketches, names, owners, rank, world, device, group)

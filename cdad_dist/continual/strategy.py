@@ -18,13 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from cdad_dist.continual.capture import CaptureConfig, FeatureCapture, select_capture_batches
+from cdad_dist.continual.capture import CaptureConfig, FeatureCapture
 from cdad_dist.continual.knn import KnnConfig
 from cdad_dist.continual.layers import (LayerPatterns, discover_protected, freeze_unprotected, input_dim,
                                         protected_weight_bytes)
 from cdad_dist.continual.memory import gpm_merge, gpm_merge_gram_compact
 from cdad_dist.continual.projector import PROJECT_MODES, Projector
-from cdad_dist.continual.reducer import dist_info, reduce_and_finalize
+from cdad_dist.continual.reducer import comm_device, dist_info, reduce_and_finalize
 from cdad_dist.continual.sketches import SKETCH_KINDS, GramSketch, Sketch, SketchOptions, make_sketch
 from cdad_dist.continual.store import BasisStore, basis_dtype, compact_form
 from cdad_dist.engine.accel import zero_stage
@@ -111,7 +111,8 @@ class ContinualStrategy:
 
     def end_task(self, task_index: int, model: nn.Module, capture_batches: Iterable[dict],
                  capture_forward: Callable[[dict], None], accelerator=None) -> None:
-        pass
+        """After task `task_index`: consume every batch of `capture_batches` (this rank's share of the images
+        chosen by the caller; a strategy never subsamples them again) through `capture_forward`."""
 
     def bind(self, *, extractor: nn.Module, image_size: int) -> None:
         """The engine hands over the run's frozen feature extractor and image size before the first task."""
@@ -267,7 +268,7 @@ class CDADStrategy(ContinualStrategy):
         complement = {name for name, meta in result.info.items() if meta.get("stored") == "complement"}
         self.store = BasisStore(bases=result.bases, gamma=self.cfg.gamma, task=task_index, complement=complement)
         self.tasks_done = task_index + 1
-        summary = self._summarise(task_index, layers, result, images)
+        summary = self._summarise(task_index, layers, result, images, world)
         self.history.append(summary)
         if rank == 0:
             log.info("cdad: task %d bases: %d layers, k total %d, %.2f MB (%.2f%% of protected weights), "
@@ -294,7 +295,7 @@ class CDADStrategy(ContinualStrategy):
             with FeatureCapture(layers, sketches, capture_cfg.max_columns_per_block,
                                 seed=capture_cfg.seed + 7919 * task_index, rank=rank,
                                 sketch_device=self.cfg.sketch_device), torch.no_grad():
-                for batch in select_capture_batches(capture_batches, capture_cfg, rank, world, task_index):
+                for batch in capture_batches:  # already this rank's selection (see CaptureConfig.images)
                     capture_forward(batch)
                     images += len(batch["image"]) if "image" in batch else 1
         finally:
@@ -325,13 +326,18 @@ class CDADStrategy(ContinualStrategy):
                     stored="complement" if is_complement else "basis")
         return stored.to(out_dtype).contiguous(), info
 
-    def _summarise(self, task_index, layers, result, images: int) -> dict:
+    def _summarise(self, task_index, layers, result, images: int, world: int) -> dict:
         weights = protected_weight_bytes(layers)
         empty = sorted(n for n, i in result.info.items() if i.get("n_columns", 0) == 0)
         if empty:
             log.warning("cdad: %d protected layers received no inputs during capture (not protected by task %d): "
                         "%s", len(empty), task_index, empty[:10])
-        return {"task": task_index, "digest": result.digest, "images_this_rank": images,
+        images_all = images
+        if world > 1:  # the summary (saved by rank 0) states the task's whole capture, not rank 0's share
+            count = torch.tensor([images], dtype=torch.long, device=comm_device())
+            torch.distributed.all_reduce(count)
+            images_all = int(count)
+        return {"task": task_index, "digest": result.digest, "images": images_all, "images_this_rank": images,
                 "k_total": sum(self.store.rank(n) for n in self.store.bases), "bytes": self.store.total_bytes(),
                 "complement_layers": len(self.store.complement),
                 "relative_to_weights": self.store.relative_to(weights), "layers_without_inputs": empty,

@@ -40,7 +40,7 @@ from cdad_dist.errors import ConfigError, ShardError
 Perturber = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
 
 # Distinct stream tags so the different random choices never share a seed sequence.
-_TAG_SHARDS, _TAG_BUFFER, _TAG_PERTURB, _TAG_SUBSET = 1, 2, 3, 4
+_TAG_SHARDS, _TAG_BUFFER, _TAG_PERTURB, _TAG_SUBSET, _TAG_TOTAL = 1, 2, 3, 4, 5
 
 
 @dataclass
@@ -432,11 +432,12 @@ def _subset(n: int, qc: str, limit: int | None, fraction: float | None, seed: in
 
 def eval_stream(shard_dir: str | os.PathLike, classes: Sequence[str], *, split: str = "test", batch_size: int,
                 image_size: int, rank: int | None = None, world_size: int | None = None, limit: int | None = None,
-                fraction: float | None = None, seed: int = 0) -> EvalStream:
+                fraction: float | None = None, total: int | None = None, seed: int = 0) -> EvalStream:
     """Every sample of the classes' split exactly once across ranks, in a fixed order, without shuffling.
 
-    limit / fraction keep a seeded subset of each class before the rank split (e.g. for basis capture on
-    split="train"). Ranks get ceil or floor of total / world samples; the last batch may be short.
+    limit / fraction keep a seeded subset of each class, and total a seeded subset of all of them, before the
+    rank split (basis capture on split="train"): the chosen images do not depend on the number of ranks.
+    Ranks get ceil or floor of the chosen count / world samples; the last batch may be short.
     """
     classes = _check_classes(classes)
     if batch_size < 1 or image_size < 1:
@@ -445,10 +446,15 @@ def eval_stream(shard_dir: str | os.PathLike, classes: Sequence[str], *, split: 
         raise ConfigError(f"limit must be >= 1, got {limit}")
     if fraction is not None and not 0.0 < fraction <= 1.0:
         raise ConfigError(f"fraction must be in (0, 1], got {fraction}")
+    if total is not None and total < 1:
+        raise ConfigError(f"total must be >= 1, got {total}")
     rank, world_size = _resolve_rank(rank, world_size)
     _, shards = _load_task(shard_dir, classes, split)
     items: list[tuple[int, int]] = []
     for qc in classes:
         own = [(s, p) for s, sh in enumerate(shards) if sh.cls == qc for p in range(sh.count)]
         items += [own[i] for i in _subset(len(own), qc, limit, fraction, seed)]
+    if total is not None and total < len(items):
+        chosen = _rng(seed, _TAG_TOTAL).choice(len(items), size=total, replace=False)
+        items = [items[i] for i in sorted(int(i) for i in chosen)]
     return EvalStream(shards, items[rank::world_size], batch_size, image_size)

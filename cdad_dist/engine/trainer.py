@@ -362,7 +362,7 @@ class ContinualTrainer:
             image_size=self.image_size,
             rank=self.accelerator.process_index,
             world_size=self.accelerator.num_processes,
-            limit=images if isinstance(images, int) else None,
+            total=images if isinstance(images, int) else None,  # the one place the selection is applied
             fraction=images if isinstance(images, float) else None,
             seed=cap.seed,
         )
