@@ -156,9 +156,16 @@ def test_paper_isvd_drops_old_directions_that_isvd_keeps():
 
 
 def test_auto_picks_gram_within_budget_and_isvd_above():
-    options = SketchOptions(kind="auto", memory_budget_mb=1.0)  # 8·d² ≤ 1 MiB  ⇔  d ≤ 362
-    assert isinstance(make_sketch(362, options), GramSketch)
-    assert isinstance(make_sketch(363, options), IsvdSketch)
+    options = SketchOptions(kind="auto", memory_budget_mb=1.0)  # gram peak 12·d² ≤ 1 MiB  ⇔  d ≤ 295
+    assert isinstance(make_sketch(295, options), GramSketch)
+    big = make_sketch(296, options)
+    assert isinstance(big, IsvdSketch)
+    # its buffer is the largest that keeps the predicted peak within the budget, and not below the carried rank
+    from cdad_dist.continual.sketch_cost import isvd_peak_bytes
+
+    r = 74  # 0.25 · 296
+    assert r <= big.buffer_columns < 296
+    assert isvd_peak_bytes(296, r, big.buffer_columns) <= 2 ** 20 < isvd_peak_bytes(296, r, big.buffer_columns + 1)
     assert isinstance(make_sketch(10, SketchOptions(kind="isvd_paper")), IsvdPaperSketch)
     with pytest.raises(ConfigError):
         make_sketch(10, SketchOptions(kind="exact"))
@@ -198,3 +205,61 @@ def test_stable_svd_retries_in_float64_when_lapack_gives_up(monkeypatch):
     U, S, Vh = sketches.stable_svd(M)
     assert calls == [torch.float32, torch.float64] and U.dtype == torch.float32
     torch.testing.assert_close(U @ torch.diag(S) @ Vh, M, atol=1e-5, rtol=1e-5)
+
+
+def _capture_under(autocast_dtype, kind: str, X: torch.Tensor) -> tuple[int, float]:
+    """Sketch the input of a Linear through FeatureCapture while the model runs under CPU autocast (None: off);
+    returns (k, captured energy of the γ-basis measured on X in float64)."""
+    from cdad_dist.continual.capture import FeatureCapture
+
+    layer = torch.nn.Linear(X.shape[0], 4)
+    sketch = make_sketch(X.shape[0], SketchOptions(kind=kind, gamma=GAMMA))
+    with FeatureCapture({"fc": layer}, {"fc": sketch}), torch.no_grad():
+        for block in X.float().chunk(8, dim=1):
+            with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+                layer(block.mT)
+    U = sketch.basis(GAMMA)
+    return int(U.shape[1]), captured(U, X)
+
+
+@pytest.mark.parametrize("kind", ["gram", "isvd"])
+def test_capture_under_bf16_autocast_gives_the_fp32_basis(kind):
+    """Mixed-precision runs capture under autocast; the sketch arithmetic must not follow it into bf16 (which gave
+    k=37 instead of 85 and 2.6× the allowed residual on this d=512 stream)."""
+    X, _ = known_spectrum(512, 4096, seed=3, decay=20.0, floor=0.01)
+    k32, energy32 = _capture_under(None, kind, X)
+    k16, energy16 = _capture_under(torch.bfloat16, kind, X)
+    assert k16 == k32 and abs(energy16 - energy32) <= 1e-6
+    assert energy32 >= GAMMA - 1e-6
+
+
+def test_capture_under_fp16_autocast_does_not_overflow():
+    """Gram entries of ≈ 1e6 are beyond fp16's 65504: computed in fp16 they would be inf."""
+    X, _ = known_spectrum(64, 2048, seed=4)
+    X = X * 3000.0
+    k32, energy32 = _capture_under(None, "gram", X)
+    k16, energy16 = _capture_under(torch.float16, "gram", X)
+    assert math.isfinite(energy16) and k16 == k32 and abs(energy16 - energy32) <= 1e-6
+
+
+def test_buffered_isvd_folds_a_handful_of_times_and_matches_per_block_folding():
+    """A deep layer's hook calls bring few columns each (here 16 against d = 128): folding per call costs one SVD
+    per call; the buffer folds once per d columns, with the same basis."""
+    X, _ = known_spectrum(128, 4096, seed=5)
+    X32 = X.float()
+    per_call = IsvdSketch(128, buffer_columns=1)
+    buffered = IsvdSketch(128)  # buffer = d
+    for block in X32.chunk(256, dim=1):
+        per_call.update(block)
+        buffered.update(block)
+    U = buffered.basis(GAMMA)  # reading flushes the last, partial buffer
+    assert per_call.folds == 256 and buffered.folds == 4096 // 128
+    assert U.shape[1] == per_call.basis(GAMMA).shape[1]
+    assert captured(U, X) >= GAMMA - 1e-6
+    assert abs(captured(U, X) - captured(per_call.basis(GAMMA), X)) < 1e-5  # (the noise-floor directions differ)
+    # nothing read before a flush is lost: payloads and merges flush too
+    half = IsvdSketch(128)
+    for block in X32[:, :100].chunk(10, dim=1):
+        half.update(block)
+    matrix, _ = half.to_payload()
+    assert half.n_columns == 100 and matrix.shape[1] > 0 and half.folds == 1

@@ -17,6 +17,7 @@ which the memory-bound test and the benchmark use.
 """
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -26,8 +27,17 @@ from torch import Tensor
 from cdad_dist.errors import ConfigError
 
 SKETCH_KINDS = ("auto", "isvd", "isvd_paper", "gram")
-# Bytes of one float64 entry: the Gram accumulator's dtype.
-_F64 = 8
+
+
+def full_precision():
+    """Autocast off (CPU and CUDA) for sketch arithmetic. The capture pass runs the model under the run's mixed
+    precision, and autocast would otherwise move the block products X·Xᵀ to bf16 (bases of the wrong rank) or
+    fp16 (Gram entries above 65504 overflow to inf); sketches pick their own dtypes."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast("cpu", enabled=False))
+    if torch.cuda.is_available():
+        stack.enter_context(torch.autocast("cuda", enabled=False))
+    return stack
 
 
 def stable_svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -101,7 +111,8 @@ class Sketch(ABC):
         block = self._check_block(block)
         if block.shape[1] == 0:
             return
-        self._update(block)
+        with full_precision():
+            self._update(block)
         self.n_columns += int(block.shape[1])
 
     def merge(self, other: Sketch) -> None:
@@ -246,15 +257,18 @@ class IsvdSketch(Sketch):
     (unless ``max_rank`` forces more), so ``basis(γ)`` with γ < carry_gamma can always reach γ of the true total.
 
     The update is an exact SVD of [U·Σ, M_i] (frequent-directions style without the shrinkage), so merging two
-    sketches and adding a block are the same operation. Blocks larger than ``chunk_columns`` are folded in column
-    chunks to bound the working set at about 2·d·(r + chunk) entries.
+    sketches and adding a block are the same operation. Incoming blocks are buffered until ``buffer_columns``
+    columns (default d) are pending and then folded together: one SVD of d × (r + buffer) per buffer instead of
+    one per hook call (a deep SD layer sees 64·B columns per call against d up to 23040, so per-call folding
+    costs hundreds of SVDs per layer). Buffers larger than ``chunk_columns`` are folded in column chunks to bound
+    the working set at about 2·d·(r + chunk) entries.
     """
 
     kind = "isvd"
 
     def __init__(self, d: int, carry_gamma: float = 0.9999, max_rank: int | None = None,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
-                 chunk_columns: int | None = None) -> None:
+                 chunk_columns: int | None = None, buffer_columns: int | None = None) -> None:
         super().__init__(d, device)
         if not 0.0 < carry_gamma <= 1.0:
             raise ConfigError(f"IsvdSketch: carry_gamma must be in (0, 1], got {carry_gamma}")
@@ -264,6 +278,12 @@ class IsvdSketch(Sketch):
         self.max_rank = min(int(max_rank), self.d) if max_rank is not None else self.d
         self.dtype = dtype
         self.chunk_columns = int(chunk_columns) if chunk_columns else max(2 * self.d, 4096)
+        if buffer_columns is not None and buffer_columns < 1:
+            raise ConfigError(f"IsvdSketch: buffer_columns must be >= 1 or None, got {buffer_columns}")
+        self.buffer_columns = int(buffer_columns) if buffer_columns else self.d
+        self._pending: list[Tensor] = []
+        self._pending_columns = 0
+        self.folds = 0  # SVDs computed so far (the benchmark reports them)
         self._U: Tensor | None = None
         self._S: Tensor | None = None
         self.discarded = 0.0  # energy dropped by carry truncation (float64 Python float)
@@ -288,6 +308,7 @@ class IsvdSketch(Sketch):
         scaled = self._scaled()
         C = matrix if scaled is None else torch.cat([scaled, matrix], dim=1)
         U, S, Vh = stable_svd(C)
+        self.folds += 1
         self._note_peak(self.nbytes() + _bytes(C, U, S, Vh) + (_bytes(scaled) if scaled is not None else 0))
         del Vh, C, scaled
         energies = (S.to(torch.float64) ** 2).cpu()
@@ -299,22 +320,39 @@ class IsvdSketch(Sketch):
         self._U, self._S = U[:, :k].contiguous(), S[:k].contiguous()
 
     def _update(self, block: Tensor) -> None:
-        for start in range(0, block.shape[1], self.chunk_columns):
-            self._fold(block[:, start:start + self.chunk_columns])
+        self._pending.append(block.to(device=self.device, dtype=self.dtype))
+        self._pending_columns += int(block.shape[1])
+        self._note_peak(self.nbytes())
+        if self._pending_columns >= self.buffer_columns:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Fold the buffered columns (every read of the sketch flushes first, so results never miss any)."""
+        if not self._pending:
+            return
+        pending = self._pending[0] if len(self._pending) == 1 else torch.cat(self._pending, dim=1)
+        self._pending, self._pending_columns = [], 0
+        with full_precision():
+            for start in range(0, pending.shape[1], self.chunk_columns):
+                self._fold(pending[:, start:start + self.chunk_columns])
 
     def to_payload(self) -> tuple[Tensor, Tensor]:
+        self._flush()
         scaled = self._scaled()
         if scaled is None:
             scaled = torch.zeros(self.d, 0, dtype=self.dtype, device=self.device or "cpu")
         return scaled, torch.tensor([self.discarded, float(self.n_columns)], dtype=torch.float64)
 
     def merge_payload(self, matrix: Tensor, scalars: Tensor) -> None:
+        self._flush()
         self.discarded += float(scalars[0])  # first, so that the fold's budget sees the other side's losses
         if matrix.shape[1] > 0:
-            self._fold(matrix)
+            with full_precision():
+                self._fold(matrix)
         self.n_columns += int(round(float(scalars[1])))
 
     def factors(self) -> SketchFactors:
+        self._flush()
         if self._U is None:
             empty = torch.zeros(self.d, 0, dtype=self.dtype, device=self.device or "cpu")
             return SketchFactors(empty, torch.zeros(0, dtype=self.dtype, device=empty.device), 0.0, self.n_columns)
@@ -322,14 +360,15 @@ class IsvdSketch(Sketch):
         return SketchFactors(self._U, self._S, kept + self.discarded, self.n_columns)
 
     def nbytes(self) -> int:
-        return _bytes(self._U, self._S)
+        return _bytes(self._U, self._S, *self._pending)
 
     def clone_empty(self) -> IsvdSketch:
         return IsvdSketch(self.d, carry_gamma=self.carry_gamma, max_rank=self.max_rank, dtype=self.dtype,
-                          device=self.device, chunk_columns=self.chunk_columns)
+                          device=self.device, chunk_columns=self.chunk_columns, buffer_columns=self.buffer_columns)
 
     def release(self) -> None:
         self._U, self._S, self.discarded, self.n_columns = None, None, 0.0, 0
+        self._pending, self._pending_columns = [], 0
 
 
 class IsvdPaperSketch(Sketch):
@@ -398,18 +437,27 @@ class SketchOptions:
 
     kind: str = "auto"
     gamma: float = 0.999
-    memory_budget_mb: float = 256.0  # per layer; auto uses gram when its 8·d² bytes fit
+    memory_budget_mb: float = 256.0  # per layer: auto's cost model keeps each sketch's peak within it
     carry_gamma: float | None = None  # isvd; None = 1 - (1-γ)/10
     max_rank: int | None = None  # isvd
     chunk_columns: int | None = None  # isvd
+    buffer_columns: int | None = None  # isvd; None: d for `isvd`, sized to the budget by `auto`
+    rank_fraction: float = 0.25  # auto: the carried rank / d its cost model assumes
     dtype: torch.dtype = torch.float32  # isvd / isvd_paper compute dtype
+
+    def choice(self, d: int, columns: int | None = None):
+        """The cost model's choice for an `auto` layer of input dimension d (see ``sketch_cost``)."""
+        from cdad_dist.continual.sketch_cost import choose_sketch
+
+        return choose_sketch(d, self.memory_budget_mb * (1 << 20), columns=columns,
+                             rank_fraction=self.rank_fraction, buffer_columns=self.buffer_columns)
 
     def resolved_kind(self, d: int) -> str:
         if self.kind not in SKETCH_KINDS:
             raise ConfigError(f"continual.sketch must be one of {SKETCH_KINDS}, got {self.kind!r}")
         if self.kind != "auto":
             return self.kind
-        return "gram" if _F64 * d * d <= self.memory_budget_mb * (1 << 20) else "isvd"
+        return self.choice(d).kind
 
 
 def make_sketch(d: int, options: SketchOptions, device: torch.device | str | None = None) -> Sketch:
@@ -420,5 +468,8 @@ def make_sketch(d: int, options: SketchOptions, device: torch.device | str | Non
     if kind == "isvd_paper":
         return IsvdPaperSketch(d, gamma=options.gamma, dtype=options.dtype, device=device)
     carry = options.carry_gamma if options.carry_gamma is not None else 1.0 - (1.0 - options.gamma) / 10.0
+    buffer = options.buffer_columns
+    if buffer is None and options.kind == "auto":
+        buffer = options.choice(d).buffer_columns
     return IsvdSketch(d, carry_gamma=carry, max_rank=options.max_rank, dtype=options.dtype, device=device,
-                      chunk_columns=options.chunk_columns)
+                      chunk_columns=options.chunk_columns, buffer_columns=buffer)

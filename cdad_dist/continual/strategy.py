@@ -25,7 +25,8 @@ from cdad_dist.continual.layers import (LayerPatterns, discover_protected, freez
 from cdad_dist.continual.memory import gpm_merge, gpm_merge_gram_compact
 from cdad_dist.continual.projector import PROJECT_MODES, Projector
 from cdad_dist.continual.reducer import comm_device, dist_info, reduce_and_finalize
-from cdad_dist.continual.sketches import SKETCH_KINDS, GramSketch, Sketch, SketchOptions, make_sketch
+from cdad_dist.continual.sketches import (SKETCH_KINDS, GramSketch, Sketch, SketchOptions, full_precision,
+                                          make_sketch)
 from cdad_dist.continual.store import BasisStore, basis_dtype, compact_form
 from cdad_dist.engine.accel import zero_stage
 from cdad_dist.errors import CdadError, CheckpointError, ConfigError
@@ -49,10 +50,12 @@ class ContinualConfig:
     freeze_unprotected: bool = True  # in incremental tasks, requires_grad=False on everything but protected weights
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)  # the `knn` baseline's memory banks
-    memory_budget_mb: float = 256.0  # per layer: auto uses gram when 8·d² bytes fit
+    memory_budget_mb: float = 256.0  # per layer: auto's cost model keeps each sketch's peak within it
     basis_dtype: str = "float32"
     isvd_carry_gamma: float | None = None  # None = 1 - (1 - gamma) / 10
     isvd_max_rank: int | None = None
+    isvd_buffer_columns: int | None = None  # columns buffered per SVD fold; None: d (isvd) or budget-sized (auto)
+    plan_rank_fraction: float = 0.25  # basis rank / d assumed by auto's cost model and `cdad plan`
     sketch_device: str | None = None  # None: where the activations are
 
     def __post_init__(self) -> None:
@@ -75,6 +78,10 @@ class ContinualConfig:
                               "contradicts it (use auto or isvd_paper)")
         if self.memory_budget_mb <= 0:
             raise ConfigError(f"continual.memory_budget_mb must be > 0, got {self.memory_budget_mb}")
+        if self.isvd_buffer_columns is not None and self.isvd_buffer_columns < 1:
+            raise ConfigError(f"continual.isvd_buffer_columns must be >= 1 or null, got {self.isvd_buffer_columns}")
+        if not 0.0 < self.plan_rank_fraction <= 1.0:
+            raise ConfigError(f"continual.plan_rank_fraction must be in (0, 1], got {self.plan_rank_fraction}")
         basis_dtype(self.basis_dtype)
 
     @classmethod
@@ -84,7 +91,8 @@ class ContinualConfig:
     def sketch_options(self) -> SketchOptions:
         return SketchOptions(kind="isvd_paper" if self.paper_faithful else self.sketch, gamma=self.gamma,
                              memory_budget_mb=self.memory_budget_mb, carry_gamma=self.isvd_carry_gamma,
-                             max_rank=self.isvd_max_rank)
+                             max_rank=self.isvd_max_rank, buffer_columns=self.isvd_buffer_columns,
+                             rank_fraction=self.plan_rank_fraction)
 
 
 def _build(cls, data: dict, where: str):
@@ -263,7 +271,8 @@ class CDADStrategy(ContinualStrategy):
         rank, world = dist_info()
         sketches = self._new_sketches(layers, rank)
         images = self._capture(task_index, model, layers, sketches, capture_batches, capture_forward, rank, world)
-        result = reduce_and_finalize(sketches, self._finalize)
+        with full_precision():  # reductions and decompositions never in a caller's autocast dtype
+            result = reduce_and_finalize(sketches, self._finalize)
         del sketches
         complement = {name for name, meta in result.info.items() if meta.get("stored") == "complement"}
         self.store = BasisStore(bases=result.bases, gamma=self.cfg.gamma, task=task_index, complement=complement)
