@@ -370,6 +370,14 @@ def test_capture_forward_on_the_tiny_model(mode):
     assert all(info[n]["n_columns"] > 0 for n in layers)  # the AMN ran (once per image batch)
     assert strategy.history[-1]["layers_without_inputs"] == []
     assert model.training  # the capture pass restored the training mode
+    # With the perturbed version of each image in the batch, every layer also sees what training shows it.
+    plain = {n: info[n]["n_columns"] for n in layers}
+    strategy = CDADStrategy(cfg)
+    strategy.begin_task(0, model)
+    batch = {"image": images, "perturbed": images.flip(-1), "key": ["a", "b"]}
+    strategy.end_task(0, model, [batch], make_capture_forward(model, cfg.capture))
+    doubled = strategy.history[-1]["layers"]
+    assert {n: doubled[n]["n_columns"] for n in layers} == {n: 2 * c for n, c in plain.items()}
 
 
 # -- smaller stored form, saturated and empty layers ----------------------------------------------------------------

@@ -265,3 +265,24 @@ def test_two_ranks_split_disjointly(data):
     single = keys(list(eval_stream(data["big"], AB, split="train", batch_size=4, image_size=16, limit=5, seed=3,
                                    rank=0, world_size=1)))
     assert sorted(r0["capture"] + r1["capture"]) == sorted(single) and not set(r0["capture"]) & set(r1["capture"])
+
+
+def test_eval_stream_perturbation_is_seeded_per_image_not_per_rank(data):
+    """Capture's perturbed inputs: the same image gets the same perturbation on 1 or 2 ranks."""
+    from cdad_dist.data.perturb import NSAConfig, NSAPerturber
+
+    perturber = NSAPerturber(NSAConfig(probability=1.0))
+
+    def perturbed(rank, world):
+        out = {}
+        for b in eval_stream(data["small"], AB, split="train", batch_size=3, image_size=16, seed=4, rank=rank,
+                             world_size=world, perturber=perturber):
+            assert b["perturbed"].shape == b["image"].shape
+            out.update({k: (p, m) for k, p, m in zip(b["key"], b["perturbed"], b["perturb_mask"])})
+        return out
+
+    one = perturbed(0, 1)
+    two = {**perturbed(0, 2), **perturbed(1, 2)}
+    assert one.keys() == two.keys()
+    assert all(torch.equal(one[k][0], two[k][0]) for k in one)
+    assert all(one[k][1].sum() > 0 for k in one)  # probability 1: every image has a patch

@@ -36,6 +36,10 @@ class CaptureConfig:
     seed: int = 0
     ddim_steps: int = 10  # trajectory mode
     random_timesteps: int = 10  # random_t mode: timesteps drawn per image
+    # Also capture each image's NSA-perturbed version, as training shows it (the AMN condition from x̃, and the
+    # U-Net input from x̃'s latent under denoise_from=perturbed): the directions those inputs use are protected
+    # too. Doubles the capture's forward passes.
+    perturbed: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in CAPTURE_MODES:
@@ -149,7 +153,8 @@ def make_capture_forward(model: nn.Module, cfg: CaptureConfig, reconstruction=No
 
     trajectory: the evaluation's reconstruction (``reconstruction``: a DDIM from the start timestep with
     ``ddim_steps`` steps, or the one_step / fused calls), through the same code as evaluation; random_t: ``random_timesteps`` independent
-    noisings at uniform t. The AMN condition is computed once per image. Noise comes from a generator seeded with
+    noisings at uniform t. The AMN condition is computed once per image. A batch with "perturbed" images (and
+    ``cfg.perturbed``) is passed a second time as training sees it. Noise comes from a generator seeded with
     (seed, rank), so the capture pass is reproducible.
     """
     from cdad_dist.eval.reconstruct import ReconstructionConfig, reconstruct_latent
@@ -161,11 +166,20 @@ def make_capture_forward(model: nn.Module, cfg: CaptureConfig, reconstruction=No
     num_train = int(model.noise_scheduler.config.num_train_timesteps)
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank)
 
+    def to_device(x: torch.Tensor) -> torch.Tensor:
+        return x.to(device) if device is not None else x
+
     @torch.no_grad()
     def capture_forward(batch: dict) -> None:
-        x = batch["image"].to(device) if device is not None else batch["image"]
+        x = to_device(batch["image"])
         z0 = model.encode(x)
-        c = model.condition(x)
+        run_passes(z0, model.condition(x))
+        if cfg.perturbed and "perturbed" in batch:  # the inputs training shows the network (CaptureConfig)
+            x_tilde = to_device(batch["perturbed"])
+            z_tilde = model.encode(x_tilde) if getattr(model, "denoise_from", "clean") == "perturbed" else z0
+            run_passes(z_tilde, model.condition(x_tilde))
+
+    def run_passes(z0: torch.Tensor, c: torch.Tensor) -> None:
         if cfg.mode == "trajectory":
             # A DDIM run is `ddim_steps` U-Net calls; a one_step / fused run is one, so it is repeated with
             # `ddim_steps` noise draws at its own t (as many captured inputs per image as a DDIM run).

@@ -397,8 +397,10 @@ def train_stream(shard_dir: str | os.PathLike, classes: Sequence[str], *, cfg: S
 class EvalStream:
     """Finite batches of this rank's share of the classes' samples: sample i of the task goes to rank i % world."""
 
-    def __init__(self, shards: list[_Shard], items: list[tuple[int, int]], batch_size: int, image_size: int) -> None:
+    def __init__(self, shards: list[_Shard], items: list[tuple[int, int]], batch_size: int, image_size: int,
+                 perturber: Perturber | None = None, seed: int = 0) -> None:
         self.shards, self.items, self.batch_size, self.image_size = shards, items, batch_size, image_size
+        self.perturber, self.seed = perturber, seed
 
     @property
     def num_samples(self) -> int:
@@ -410,8 +412,14 @@ class EvalStream:
     def _samples(self) -> Iterator[dict[str, Any]]:
         for idx, raw in _read_items(self.shards, self.items, range(len(self.items))):
             image, mask, meta = _decode_raw(raw, self.image_size)
-            yield {"image": image, "mask": mask, "label": int(meta["label"]), "defect": meta["defect"],
-                   "cls": self.shards[self.items[idx][0]].cls, "key": raw["__key__"]}
+            sample = {"image": image, "mask": mask, "label": int(meta["label"]), "defect": meta["defect"],
+                      "cls": self.shards[self.items[idx][0]].cls, "key": raw["__key__"]}
+            if self.perturber is not None:
+                # Seeded by the image's key, with the image as its own patch source: the same perturbation
+                # whatever the rank split or batch order.
+                rng = _rng(self.seed, zlib.crc32(raw["__key__"].encode()), _TAG_PERTURB)
+                sample["perturbed"], sample["perturb_mask"] = self.perturber(image, image, rng)
+            yield sample
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return _batches(self._samples(), self.batch_size, drop_last=False)
@@ -432,11 +440,14 @@ def _subset(n: int, qc: str, limit: int | None, fraction: float | None, seed: in
 
 def eval_stream(shard_dir: str | os.PathLike, classes: Sequence[str], *, split: str = "test", batch_size: int,
                 image_size: int, rank: int | None = None, world_size: int | None = None, limit: int | None = None,
-                fraction: float | None = None, total: int | None = None, seed: int = 0) -> EvalStream:
+                fraction: float | None = None, total: int | None = None, seed: int = 0,
+                perturber: Perturber | None = None) -> EvalStream:
     """Every sample of the classes' split exactly once across ranks, in a fixed order, without shuffling.
 
     limit / fraction keep a seeded subset of each class, and total a seeded subset of all of them, before the
     rank split (basis capture on split="train"): the chosen images do not depend on the number of ranks.
+    perturber adds each image's seeded training perturbation ("perturbed"), for a capture of the inputs that
+    training shows the network.
     Ranks get ceil or floor of the chosen count / world samples; the last batch may be short.
     """
     classes = _check_classes(classes)
@@ -457,4 +468,4 @@ def eval_stream(shard_dir: str | os.PathLike, classes: Sequence[str], *, split: 
     if total is not None and total < len(items):
         chosen = _rng(seed, _TAG_TOTAL).choice(len(items), size=total, replace=False)
         items = [items[i] for i in sorted(int(i) for i in chosen)]
-    return EvalStream(shards, items[rank::world_size], batch_size, image_size)
+    return EvalStream(shards, items[rank::world_size], batch_size, image_size, perturber, seed)

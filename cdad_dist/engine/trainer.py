@@ -365,6 +365,7 @@ class ContinualTrainer:
             total=images if isinstance(images, int) else None,  # the one place the selection is applied
             fraction=images if isinstance(images, float) else None,
             seed=cap.seed,
+            perturber=NSAPerturber(self.cfg.data.nsa) if cap.perturbed else None,
         )
 
     # ------------------------------------------------------------------ bookkeeping
