@@ -18,10 +18,16 @@ def sha256_file(path: str | Path) -> str:
 
 def write_json_atomic(path: str | Path, data: Any, **dump_kwargs: Any) -> None:
     """Write JSON to a temporary file, fsync, then rename: readers see the old file or the new one, never half."""
+    write_text_atomic(path, json.dumps(data, **({"indent": 2, "sort_keys": True} | dump_kwargs)))
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Text through a temporary file, fsync and rename (see write_json_atomic); creates the parent folder."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as handle:
-        json.dump(data, handle, **({"indent": 2, "sort_keys": True} | dump_kwargs))
+        handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)

@@ -1,4 +1,4 @@
-"""The `cdad` command: demo-data, shards build/verify, train, predict, report, bench."""
+"""The `cdad` command: demo-data, real-data, shards build/verify, train, predict, report, plan, bench."""
 from __future__ import annotations
 
 import argparse
@@ -121,6 +121,25 @@ def _cmd_predict(args) -> int:
     return 0
 
 
+def _cmd_plan(args) -> int:
+    from cdad_dist.config import load_config
+    from cdad_dist.plan.planner import PlanOptions, make_plan, plan_markdown
+
+    cfg = load_config(args.config, list(args.overrides))
+    plan = make_plan(cfg, PlanOptions(world=args.world, gpu_mem_gib=args.gpu_mem, precision=args.precision,
+                                      train_images=args.train_images))
+    text = plan_markdown(plan)
+    print(text, end="")
+    if args.out:
+        from cdad_dist.atomic import write_json_atomic, write_text_atomic
+
+        out = Path(args.out)
+        write_json_atomic(out / "plan.json", plan, default=str)
+        write_text_atomic(out / "plan.md", text)
+        print(f"plan written to {out}/plan.json and plan.md")
+    return 0 if plan["verdict"] is None or plan["verdict"]["fits"] else 1
+
+
 def _cmd_bench(args) -> int:
     from cdad_dist.bench import run_benchmarks
 
@@ -185,6 +204,19 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="compare several runs in one table")
     report.add_argument("runs", nargs="+")
     report.set_defaults(func=_cmd_report)
+
+    plan = sub.add_parser("plan", help="predicted memory per rank and compute of each phase, without training "
+                                       "(the model is built on the meta device)")
+    plan.add_argument("--config", default=None, help="experiment YAML (default: configs/demo.yaml)")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    plan.add_argument("--world", type=int, default=1, help="number of ranks (GPUs)")
+    plan.add_argument("--gpu-mem", type=float, default=None, metavar="GIB", help="memory per GPU: adds a verdict")
+    plan.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"],
+                      help="mixed precision of the launch config (activations)")
+    plan.add_argument("--train-images", type=int, default=None,
+                      help="training images of a task, for a fractional capture (default 264: MVTec setting 2)")
+    plan.add_argument("--out", default=None, help="also write plan.json and plan.md here")
+    plan.set_defaults(func=_cmd_plan)
 
     bench = sub.add_parser("bench", help="benchmarks; each prints ratios measured in one run")
     bench.add_argument("name", help="isvd | projection | inference | continual | throughput | basis | storage | all")

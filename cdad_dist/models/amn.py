@@ -66,8 +66,9 @@ def neighbour_mask(height: int, width: int, k: int, device: torch.device | str |
     """
     if k < 1 or k % 2 == 0:
         raise ConfigError(f"AMN: neighbour size must be a positive odd integer, got {k}")
-    ys = torch.arange(height, device=device).repeat_interleave(width)
-    xs = torch.arange(width, device=device).repeat(height)
+    # Built and checked on the CPU (the check reads values; a meta-device plan has none), then moved.
+    ys = torch.arange(height, device="cpu").repeat_interleave(width)
+    xs = torch.arange(width, device="cpu").repeat(height)
     r = k // 2
     near = ((ys[:, None] - ys[None, :]).abs() <= r) & ((xs[:, None] - xs[None, :]).abs() <= r)
     allowed = ~near
@@ -76,7 +77,7 @@ def neighbour_mask(height: int, width: int, k: int, device: torch.device | str |
             f"AMN: a {k}×{k} neighbour mask hides every token of a {height}×{width} grid from some query; "
             f"use a smaller amn_neighbour or a larger image"
         )
-    return allowed
+    return allowed.to(device) if device is not None else allowed
 
 
 def sine_position_embedding(height: int, width: int, channels: int, device=None, dtype=torch.float32,

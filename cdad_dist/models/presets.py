@@ -100,6 +100,9 @@ class ModelConfig:
     attention_backend: str = "sdpa"            # "sdpa" | "xformers"
     first_stage_dtype: str = "float32"         # compute dtype of the frozen VAE
     init_seed: int = 0                         # seeds random init (AMN always; U-Net/VAE when not loaded)
+    # Scales every channel width (U-Net, VAE, cross-attention, GroupNorm groups) and keeps depth and layer types:
+    # `sd15` at 1/8 or 1/4 is the real architecture small enough to run on a CPU, to check `cdad plan` against.
+    width_multiplier: float = 1.0
 
 
 def resolve_config(cfg: ModelConfig) -> ModelConfig:
@@ -113,8 +116,35 @@ def resolve_config(cfg: ModelConfig) -> ModelConfig:
             v = PRESETS[cfg.preset][f.name]
         values[f.name] = tuple(v) if isinstance(v, list) else v
     out = ModelConfig(**values)
+    if out.width_multiplier != 1.0:
+        out = _scaled_widths(out)
     _check(out)
     return out
+
+
+NORM_GROUPS = 32  # diffusers' GroupNorm groups of the U-Net and VAE at full width
+
+
+def norm_groups(cfg: ModelConfig) -> int:
+    return max(1, round(NORM_GROUPS * cfg.width_multiplier))
+
+
+def _scaled_widths(cfg: ModelConfig) -> ModelConfig:
+    m = cfg.width_multiplier
+    if not 0.0 < m <= 1.0:
+        raise ConfigError(f"model.width_multiplier must be in (0, 1], got {m}")
+    if cfg.pretrained_path or cfg.vae_path:
+        raise ConfigError("model.width_multiplier builds a random-weight model; it cannot be combined with "
+                          "model.pretrained_path / model.vae_path")
+    groups = max(1, round(NORM_GROUPS * m))
+    scale = lambda widths: tuple(int(round(w * m)) for w in widths)  # noqa: E731
+    blocks, vae_blocks = scale(cfg.block_out_channels), scale(cfg.vae_block_out_channels)
+    bad = [w for w in blocks + vae_blocks if w % groups or w % cfg.attention_head_dim]
+    if bad:
+        raise ConfigError(f"model.width_multiplier {m}: widths {bad} are not divisible by the {groups} GroupNorm "
+                          f"groups and {cfg.attention_head_dim} heads; pick a multiplier like 1/8, 1/4 or 1/2")
+    return dataclasses.replace(cfg, block_out_channels=blocks, vae_block_out_channels=vae_blocks,
+                               cross_attention_dim=max(1, int(round(cfg.cross_attention_dim * m))))
 
 
 def _check(cfg: ModelConfig) -> None:
@@ -151,7 +181,7 @@ def unet_kwargs(cfg: ModelConfig, in_channels: int) -> dict:
                 out_channels=in_channels, down_block_types=tuple(cfg.down_block_types),
                 up_block_types=tuple(cfg.up_block_types), block_out_channels=tuple(cfg.block_out_channels),
                 layers_per_block=cfg.layers_per_block, attention_head_dim=cfg.attention_head_dim,
-                cross_attention_dim=cfg.cross_attention_dim)
+                cross_attention_dim=cfg.cross_attention_dim, norm_num_groups=norm_groups(cfg))
 
 
 def vae_kwargs(cfg: ModelConfig) -> dict:
@@ -160,7 +190,7 @@ def vae_kwargs(cfg: ModelConfig) -> dict:
     return dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
                 up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(cfg.vae_block_out_channels),
                 layers_per_block=cfg.vae_layers_per_block, latent_channels=cfg.vae_latent_channels,
-                sample_size=cfg.image_size, scaling_factor=cfg.vae_scaling_factor)
+                sample_size=cfg.image_size, scaling_factor=cfg.vae_scaling_factor, norm_num_groups=norm_groups(cfg))
 
 
 def _build_first_stage(cfg: ModelConfig, checkpoint: dict | None):
