@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(func=_cmd_plan)
 
     bench = sub.add_parser("bench", help="benchmarks; each prints ratios measured in one run")
-    bench.add_argument("name", help="isvd | projection | inference | continual | throughput | basis | storage | all")
+    bench.add_argument("name", help="isvd | projection | inference | continual | throughput | basis | storage | plan | all")
     bench.add_argument("--quick", action="store_true")
     bench.add_argument("--out", default="runs/bench")
     bench.add_argument("--config", default=None,

@@ -20,6 +20,7 @@ BENCHMARKS = {
     "throughput": "cdad_dist.bench.throughput",
     "basis": "cdad_dist.bench.basis",
     "storage": "cdad_dist.bench.storage",
+    "plan": "cdad_dist.bench.plan",
 }
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from cdad_dist.continual.sketches import SketchFactors, rank_for_energy, stable_svd
+from cdad_dist.continual.sketches import SketchFactors, rank_for_energy, stable_eigh, stable_svd
 from cdad_dist.continual.store import compact_form
 from cdad_dist.errors import ConfigError
 
@@ -124,7 +124,7 @@ def gpm_merge_gram(U_old: Tensor | None, G: Tensor, gamma: float, n_columns: int
     need = gamma * total - captured_old
     r, captured_add, Ur = 0, 0.0, None
     if need > 0 and k_old < d:
-        evals, evecs = torch.linalg.eigh(residual)
+        evals, evecs = stable_eigh(residual)
         evals, Ur = evals.flip(0).clamp_min(0.0), evecs.flip(1)
         r = min(rank_for_energy(evals, need, 1.0), d - k_old)
         captured_add = float(evals[:r].sum())
@@ -165,7 +165,7 @@ def gpm_merge_gram_complement(V_old: Tensor, G: Tensor, gamma: float,
     r_add, captured_add = 0, 0.0
     evecs = None
     if need > 0:
-        evals, evecs = torch.linalg.eigh(H)
+        evals, evecs = stable_eigh(H)
         evals, evecs = evals.flip(0).clamp_min(0.0), evecs.flip(1)
         r_add = min(rank_for_energy(evals, need, 1.0), r)
         captured_add = float(evals[:r_add].sum())
@@ -191,7 +191,7 @@ def gpm_merge_gram_compact(old: Tensor | None, old_is_complement: bool, G: Tenso
         total = float(torch.trace(G64))
         if total <= 0:
             return G64.new_zeros(d, 0), False, MergeInfo(d, 0, 0, total, 1.0, 1.0, n_columns)
-        evals, evecs = torch.linalg.eigh(0.5 * (G64 + G64.mT))
+        evals, evecs = stable_eigh(0.5 * (G64 + G64.mT))
         evals, evecs = evals.flip(0).clamp_min(0.0), evecs.flip(1)
         k = rank_for_energy(evals, total, gamma)
         info = MergeInfo(d, 0, k, total, 0.0, float(evals[:k].sum()) / total, n_columns)

@@ -52,6 +52,17 @@ def stable_svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return U.to(matrix.dtype), S.to(matrix.dtype), Vh.to(matrix.dtype)
 
 
+def stable_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric eigendecomposition (ascending, as ``torch.linalg.eigh``) that survives LAPACK's syevd giving up
+    ("failed to converge"), seen on Gram matrices of random-weight SD layers with many near-equal eigenvalues:
+    retried through the SVD, which for a symmetric PSD matrix gives the same eigenpairs."""
+    try:
+        return torch.linalg.eigh(matrix)
+    except torch.linalg.LinAlgError:
+        U, S, _ = torch.linalg.svd(matrix, full_matrices=False)
+        return S.flip(0), U.flip(1)
+
+
 def rank_for_energy(energies: Tensor, total: float, gamma: float) -> int:
     """Smallest k with sum(energies[:k]) ≥ gamma·total (energies sorted descending); len(energies) if never.
 
@@ -227,7 +238,7 @@ class GramSketch(Sketch):
     def _eigh(self) -> tuple[Tensor, Tensor]:
         if self._eig is None:
             G = self._gram()
-            evals, evecs = torch.linalg.eigh(G)  # ascending
+            evals, evecs = stable_eigh(G)  # ascending
             self._note_peak(_bytes(G) * 2 + _bytes(evals))
             evals = evals.flip(0).clamp_min(0.0)
             self._eig = (evals, evecs.flip(1))
