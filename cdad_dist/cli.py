@@ -50,6 +50,10 @@ def _guard(fn, args) -> int:
     except CdadError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a file the command had to read or write (training wraps its own: RunWriteError)
+        where = f"{err.filename}: {err.strerror}" if err.filename else str(err)
+        print(f"error: {where}", file=sys.stderr)
+        return 2
 
 
 # ---------------------------------------------------------------------------------------------------- commands

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +20,7 @@ from cdad_dist.continual.strategy import ContinualConfig
 from cdad_dist.data.perturb import NSAConfig
 from cdad_dist.errors import ConfigError
 from cdad_dist.eval.anomaly_map import AnomalyMapConfig
+from cdad_dist.eval.metrics import MetricConfig
 from cdad_dist.eval.reconstruct import ReconstructionConfig
 from cdad_dist.models.presets import ModelConfig
 
@@ -77,6 +79,7 @@ class TrainConfig:
 class EvalConfig:
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
     anomaly_map: AnomalyMapConfig = field(default_factory=AnomalyMapConfig)
+    metrics: MetricConfig = field(default_factory=MetricConfig)  # pixel-score resolution, AUPRO FPR limit, ...
     batch_size: int = 16
     heatmap_images: int = 2  # per class: this many normal and this many anomalous images in the heatmap grid
     max_test_per_class: int | None = None
@@ -121,7 +124,7 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
     try:
         return dacite.from_dict(RunConfig, data, config=_DACITE)
     except dacite.UnexpectedDataError as err:
-        keys = ", ".join(sorted(err.keys))
+        keys = ", ".join(_unknown_keys(data, RunConfig) or sorted(err.keys))
         raise ConfigError(f"{source}: unknown key(s) {keys}") from None
     except dacite.WrongTypeError as err:
         raise ConfigError(
@@ -129,6 +132,22 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
         ) from None
     except dacite.DaciteError as err:
         raise ConfigError(f"{source}: {err}") from None
+    except ConfigError as err:  # a section's own validation (__post_init__): say which file it came from
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def _unknown_keys(data: Any, cls: type, prefix: str = "") -> list[str]:
+    """Dotted names of the keys in ``data`` that ``cls`` (a dataclass, nested) has no field for."""
+    if not isinstance(data, dict) or not dataclasses.is_dataclass(cls):
+        return []
+    hints = typing.get_type_hints(cls)
+    out = []
+    for key, value in data.items():
+        if key not in hints:
+            out.append(f"{prefix}{key}")
+        elif dataclasses.is_dataclass(hints[key]):
+            out += _unknown_keys(value, hints[key], f"{prefix}{key}.")
+    return sorted(out)
 
 
 def _type_name(tp: Any) -> str:
@@ -164,13 +183,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if data is None or data == {}:
+            raise ConfigError(f"{path}: the config file is empty (without --config the demo config is used)")
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     elif path != DEFAULT_CONFIG:
         raise ConfigError(f"config file not found: {path}")
-    data = apply_overrides(data, overrides or [])
-    cfg = config_from_dict(data, source=str(path))
-    validate(cfg, str(path))
+    cfg = config_from_dict(data, source=str(path))  # the file's own errors are the file's
+    for item in overrides or []:  # then each --set, so that an error names the --set that caused it
+        data = apply_overrides(data, [item])
+        cfg = config_from_dict(data, source=f"--set {item}")
+    validate(cfg, str(path) if not overrides else f"{path} with --set {' '.join(overrides)}")
     return cfg
 
 
@@ -179,6 +202,19 @@ def validate(cfg: RunConfig, source: str) -> None:
         (cfg.data.batch_size > 0, "data.batch_size must be > 0"),
         (cfg.train.grad_accum > 0, "train.grad_accum must be > 0"),
         (cfg.train.base_steps > 0 or cfg.train.base_epochs > 0, "train.base_steps or train.base_epochs must be > 0"),
+        (cfg.train.incremental_steps > 0 or cfg.train.incremental_epochs > 0,
+         f"train.incremental_steps or train.incremental_epochs must be > 0 (got {cfg.train.incremental_steps} and "
+         f"{cfg.train.incremental_epochs}): a task with 0 steps would learn nothing"),
+        (cfg.train.base_steps >= 0 and cfg.train.incremental_steps >= 0 and cfg.train.base_epochs >= 0
+         and cfg.train.incremental_epochs >= 0, "train.*_steps and train.*_epochs must be >= 0"),
+        (cfg.train.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
+        (cfg.train.checkpoint_every >= 0, "train.checkpoint_every must be >= 0 (0: at task ends only)"),
+        (cfg.train.keep_last >= 1, "train.keep_last must be >= 1"),
+        (cfg.train.log_every > 0, "train.log_every must be > 0"),
+        (cfg.eval.batch_size > 0, "eval.batch_size must be > 0"),
+        (cfg.eval.heatmap_images >= 0, "eval.heatmap_images must be >= 0"),
+        (cfg.eval.max_test_per_class is None or cfg.eval.max_test_per_class > 0,
+         "eval.max_test_per_class must be > 0 or null (all)"),
         (cfg.train.lr > 0, "train.lr must be > 0"),
         (bool(cfg.name) and "/" not in cfg.name, "name must be a non-empty directory name"),
     ]

@@ -18,5 +18,9 @@ class ShardError(CdadError):
     """A shard is missing, truncated, corrupt, or does not match its manifest."""
 
 
+class RunWriteError(CdadError):
+    """A run could not write a file (read-only output, full disk); the message says what is saved."""
+
+
 class CheckpointError(CdadError):
     """A checkpoint is missing, incomplete, or belongs to another model preset / sequence / run."""

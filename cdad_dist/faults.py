@@ -8,6 +8,10 @@ way the OOM killer or a lost node would end it: no exception, no cleanup, no flu
 - ``eval``: before evaluation batch INDEX after task TASK.
 
 A timer-based external kill cannot aim at a phase that lasts milliseconds on the tests' micro model; this can.
+
+``CDAD_FAULT_NAN=TASK:INDEX[:RANK]`` rehearses a diverged model instead: the anomaly map of the first image of
+evaluation batch INDEX after task TASK gets NaN pixels, as a model gone numerically bad would give. The run must
+record it (a warning naming the image, that class's metrics NaN) and go on, losing nothing.
 Unset (the normal case), every call is one dictionary lookup.
 """
 from __future__ import annotations
@@ -19,6 +23,7 @@ from cdad_dist.errors import ConfigError
 
 PHASES = ("train", "capture", "eval")
 ENV = "CDAD_FAULT"
+NAN_ENV = "CDAD_FAULT_NAN"
 
 
 def _parse(spec: str) -> tuple[str, int, int, int]:
@@ -40,3 +45,22 @@ def fault_point(phase: str, task: int, index: int, rank: int) -> None:
     if _parse(spec) == (phase, task, index, rank):
         print(f"{ENV}: rank {rank} kills itself ({phase}, task {task}, index {index})", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def poison_maps(maps, task: int, index: int, rank: int):
+    """``maps`` with NaN in the first image's top rows if ``CDAD_FAULT_NAN`` names this evaluation batch."""
+    spec = os.environ.get(NAN_ENV)
+    if not spec:
+        return maps
+    try:
+        parts = [int(p) for p in spec.split(":")]
+        if len(parts) not in (2, 3):
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"{NAN_ENV}={spec!r}: expected TASK:INDEX[:RANK]") from None
+    if (parts[0], parts[1], parts[2] if len(parts) == 3 else 0) != (task, index, rank):
+        return maps
+    print(f"{NAN_ENV}: rank {rank} poisons the maps of eval batch {index} after task {task}", flush=True)
+    maps = maps.clone()
+    maps[0, ..., :2, :] = float("nan")
+    return maps

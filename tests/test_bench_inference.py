@@ -86,7 +86,7 @@ def _fake_score_batch(seconds_per_image: dict[str, float], map_s_per_image: floa
         calls.append(eval_cfg.reconstruction.mode)
         maps = torch.zeros(b, 1, SIZE, SIZE)
         maps[1:, :, 8:16, 10:18] = 1.0
-        maps += 0.01 * torch.rand(maps.shape, generator=generator)
+        maps += 0.01 * torch.stack([torch.rand(maps.shape[1:], generator=g) for g in generator])  # one per image
         denoise = seconds_per_image[eval_cfg.reconstruction.mode] * b
         return ScoredBatch(x, maps, maps.flatten(1).amax(1), recon_s=denoise + shared_s_per_image * b,
                            map_s=map_s_per_image * b, denoise_s=denoise)

@@ -85,3 +85,39 @@ def test_shipped_configs_load_and_name_known_sequences(path):
 
     cfg = load_config(path)
     assert len(resolve_sequence(cfg.sequence)) >= 2
+
+
+def test_a_bad_set_is_blamed_on_the_set_with_its_dotted_key(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text("train:\n  lr: 0.001\n")
+    with pytest.raises(ConfigError, match=r"^--set train\.lr=fast: key 'train\.lr' must be float"):
+        load_config(path, ["data.batch_size=2", "train.lr=fast"])
+    with pytest.raises(ConfigError, match=r"^--set train\.lrr=1: unknown key\(s\) train\.lrr$"):
+        load_config(path, ["train.lrr=1"])
+    with pytest.raises(ConfigError, match=r"^--set eval\.metrics\.pixel_key_bits=40: eval\.metrics\.pixel_key_bits"):
+        load_config(path, ["eval.metrics.pixel_key_bits=40"])
+    (tmp_path / "bad.yaml").write_text("eval:\n  metrics:\n    pro_fpr_limits: 0.3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown key\(s\) eval\.metrics\.pro_fpr_limits"):
+        load_config(tmp_path / "bad.yaml", ["train.lr=0.1"])
+
+
+def test_metric_settings_come_from_yaml():
+    cfg = load_config(None, ["eval.metrics.pixel_key_bits=32", "eval.metrics.pro_fpr_limit=0.05"])
+    assert cfg.eval.metrics.pixel_key_bits == 32 and cfg.eval.metrics.pro_fpr_limit == 0.05
+
+
+def test_an_empty_config_file_is_an_error(tmp_path):
+    for text in ("", "# only a comment\n", "{}\n"):
+        (tmp_path / "empty.yaml").write_text(text)
+        with pytest.raises(ConfigError, match="empty.yaml: the config file is empty"):
+            load_config(tmp_path / "empty.yaml")
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.incremental_steps=0", "train.incremental_steps"), ("train.incremental_steps=-3", "train.incremental_steps"),
+    ("train.warmup_steps=-1", "train.warmup_steps"), ("train.log_every=0", "train.log_every"),
+    ("eval.batch_size=0", "eval.batch_size"), ("eval.max_test_per_class=0", "eval.max_test_per_class"),
+])
+def test_values_that_would_run_wrongly_are_refused(override, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, [override])

@@ -87,7 +87,9 @@ def test_task_slices_continue_from_previous_task(tmp_path, demo_root):
     first = load_config(None, micro_overrides(tmp_path, demo_root, name="sliced", extra=extra + ["tasks=0:1"]))
     train(first)
     second = load_config(None, micro_overrides(tmp_path, demo_root, name="sliced", extra=extra + ["tasks=1:2"]))
-    train(second, resume=True)
+    saved_config = (tmp_path / "runs" / "sliced" / "config.yaml").read_text()
+    train(second, resume=True)  # `tasks` may change on resume (RESUMABLE_KEYS); config.yaml is the run's own
+    assert (tmp_path / "runs" / "sliced" / "config.yaml").read_text() == saved_config
     _assert_same_weights(_final_weights(tmp_path / "runs" / "whole"), _final_weights(tmp_path / "runs" / "sliced"))
 
 
@@ -99,7 +101,11 @@ def test_run_directory_is_never_overwritten(tmp_path, demo_root):
     with pytest.raises(CheckpointError, match="already holds a run"):
         train(load_config(None, micro_overrides(tmp_path, demo_root, name="guard", extra=["tasks=0:1"])))
     other = micro_overrides(tmp_path, demo_root, name="guard", extra=["model.amn_depth=2"])
-    with pytest.raises(CheckpointError, match="different run"):
+    with pytest.raises(CheckpointError, match="model.amn_depth: 1 → 2"):
+        train(load_config(None, other), resume=True)
+    # every result-affecting key is compared, not only the model and strategy: named with both values
+    other = micro_overrides(tmp_path, demo_root, name="guard", extra=["tasks=0:1", "train.lr=0.1", "eval.metrics.pro_fpr_limit=0.1"])
+    with pytest.raises(CheckpointError, match=r"eval.metrics.pro_fpr_limit: 0.3 → 0.1; train.lr: 0.0003 → 0.1"):
         train(load_config(None, other), resume=True)
     after = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
     assert before == after
@@ -180,3 +186,47 @@ def test_init_from_another_runs_base_task(tmp_path, demo_root):
     with pytest.raises(CheckpointError, match="no task-end checkpoint"):
         train(load_config(None, micro_overrides(tmp_path, demo_root, name="bad2",
                                                 extra=[f"train.init_from={tmp_path / 'nowhere'}"])))
+
+
+def test_a_non_finite_map_is_recorded_and_the_run_goes_on(tmp_path, demo_root, monkeypatch):
+    """A diverged evaluation (CDAD_FAULT_NAN poisons one map) warns naming the image, makes that class's metrics
+    NaN for that evaluation, and loses nothing: both task-end checkpoints and the report are written."""
+    from cdad_dist.eval.metrics import NonFiniteMapWarning
+
+    monkeypatch.setenv("CDAD_FAULT_NAN", "0:0")
+    overrides = micro_overrides(tmp_path, demo_root, name="nan")
+    with pytest.warns(NonFiniteMapWarning, match=r"class 'demo/carpet': image 'demo__carpet__test__\d+': 64 of 1024 anomaly-map pixels are NaN"):
+        train(load_config(None, overrides))
+    run_dir = tmp_path / "runs" / "nan"
+    assert [r.task for r in list_checkpoints(run_dir / "checkpoints") if r.task_end] == [0, 1]
+    values = json.loads((run_dir / "report" / "results.json").read_text())["matrix"]["values"]
+    assert all(values[m]["0"]["demo/carpet"] is None for m in values)  # that evaluation: NaN, stored as null
+    assert values["pixel_auroc"]["1"]["demo/carpet"] is not None  # the next one is finite again
+
+
+def test_an_out_of_range_task_slice_fails_before_the_run_directory_exists(tmp_path, demo_root):
+    from cdad_dist.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"tasks='5:9': out of range for a sequence of 2 task\(s\)"):
+        train(load_config(None, micro_overrides(tmp_path, demo_root, name="slice", extra=["tasks=5:9"])))
+    assert not (tmp_path / "runs" / "slice").exists()
+
+
+def test_a_failed_write_ends_with_one_line_naming_the_path_and_the_saved_checkpoint(tmp_path, demo_root, capsys):
+    """The report folder turned into a file (as a full or read-only disk would fail a write): `train.py` exits 2
+    with one `error:` line that names the path, the checkpoint that is safe, and --resume; no traceback."""
+    from cdad_dist.cli import train_main
+
+    train(load_config(None, micro_overrides(tmp_path, demo_root, name="wfail", extra=["tasks=0:1"])))
+    report = tmp_path / "runs" / "wfail" / "report"
+    import shutil
+    shutil.rmtree(report)
+    report.write_text("not a folder")
+    argv = [a for o in micro_overrides(tmp_path, demo_root, name="wfail", extra=["tasks=1:2"]) for a in ("--set", o)]
+    capsys.readouterr()
+    assert train_main(argv + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0] and "Traceback" not in err, err
+    assert errors[0].startswith("error: cannot write ") and str(report) in errors[0]
+    assert "task001" in errors[0] and "--resume" in errors[0]

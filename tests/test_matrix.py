@@ -104,5 +104,22 @@ def test_summary_has_every_number():
     m = _matrix()
     s = m.summary("image_auroc", joint=m)
     assert s["gap_to_joint"] == 0.0
-    assert set(s) == {"final_average", "diagonal_average", "forgetting", "step_average", "gap_to_joint"}
+    assert set(s) == {"final_average", "diagonal_average", "forgetting", "step_average", "gap_to_joint",
+                      "task_averaged", "per_task"}
     assert s["step_average"][2] == pytest.approx(m.final_average("image_auroc"))
+
+
+@pytest.mark.parametrize("task_classes", [None, TASKS])
+def test_per_task_numbers_weigh_each_task_once(task_classes):
+    m = _matrix(task_classes)
+    per_task = m.per_task("image_auroc")
+    assert per_task[0]["final"] == pytest.approx((0.80 + 0.60) / 2)
+    assert per_task[0]["forgetting"] == pytest.approx((0.10 + 0.22) / 2)
+    assert per_task[1] == pytest.approx({"final": 0.75, "forgetting": -0.05})
+    assert per_task[2]["final"] == 0.95 and math.isnan(per_task[2]["forgetting"])
+    task_avg = m.task_averages("image_auroc")
+    assert task_avg["final_average"] == pytest.approx((0.70 + 0.75 + 0.95) / 3)
+    assert task_avg["forgetting"] == pytest.approx((0.16 - 0.05) / 2)
+    # class-averaged numbers differ: task 0 has two classes and counts twice there
+    assert m.final_average("image_auroc") != pytest.approx(task_avg["final_average"])
+    assert m.forgetting("image_auroc") != pytest.approx(task_avg["forgetting"])

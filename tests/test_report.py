@@ -50,6 +50,12 @@ def test_write_report_files(tmp_path):
     assert f"{100 * a_img:.1f} / {100 * a_pix:.1f}" in md
     assert "| Step | 1-2 | 3 | 4 | FM |" in md  # Table 5 shape: cumulative class indices
     assert md.count("### After task") == 3 and "| demo/bottle | 1 |" in md
+    assert "averaged over **classes**" in md  # the reader is told what A and FM average over
+    per_task = m.per_task("image_auroc")
+    assert f"| 0 | demo/carpet, demo/grid | {100 * per_task[0]['final']:.1f} / " in md
+    task_avg = m.task_averages("image_auroc")
+    assert f"| **task-averaged** | | {100 * task_avg['final_average']:.1f} / " in md
+    assert data["summary"]["image_auroc"]["per_task"]["1"]["forgetting"] == pytest.approx(0.05)
 
     with paths["csv"].open() as f:
         rows = list(csv.DictReader(f))

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from cdad_dist.data.catalog import SampleRecord
-from cdad_dist.data.shards import (PARTIAL_MANIFEST_NAME, build_shards, iter_shard_samples, load_manifest,
+from cdad_dist.data.shards import (MANIFEST_FORMAT, PARTIAL_MANIFEST_NAME, build_shards, iter_shard_samples, load_manifest,
                                    manifest_classes, task_shards, verify_shards)
-from cdad_dist.data.images import read_rgb
+from cdad_dist.data.images import read_rgb, resize_mask
 from cdad_dist.errors import DatasetError, ShardError
 
 # Images of each class live in their own intensity band so tests can tell a class from its pixels.
@@ -65,7 +65,7 @@ def test_build_verify_round_trip(records, tmp_path):
     out = tmp_path / "shards"
     manifest = build_shards(records, out, image_size=16, samples_per_shard=3)
     assert manifest == load_manifest(out)
-    assert manifest["format"] == 1 and manifest["image_size"] == 16
+    assert manifest["format"] == MANIFEST_FORMAT == 2 and manifest["image_size"] == 16
     assert manifest_classes(manifest) == ["demo/a", "demo/b", "other/c"]
     a_train = manifest["groups"]["demo/a/train"]
     assert a_train["count"] == 7 and [s["count"] for s in a_train["shards"]] == [3, 3, 1]
@@ -97,7 +97,7 @@ def test_build_verify_round_trip(records, tmp_path):
                 assert mask.max() == 0
             else:
                 src = cv2.imread(rec.mask_path, cv2.IMREAD_GRAYSCALE)
-                np.testing.assert_array_equal(mask, cv2.resize(src, (16, 16), interpolation=cv2.INTER_NEAREST))
+                np.testing.assert_array_equal(mask, resize_mask(src, (16, 16)) * 255)  # aligned with the image
                 assert mask.max() == 255
             seen += 1
     assert seen == 4
@@ -251,6 +251,9 @@ def test_manifest_errors(records, tmp_path):
         load_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({"format": 7, "groups": {}}))
     with pytest.raises(ShardError, match="format"):
+        load_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": 1, "groups": {}}))  # round 1's shards
+    with pytest.raises(ShardError, match="format is 1, expected 2 .*older.*delete the shard folder"):
         load_manifest(tmp_path)
     manifest = build_shards(records, tmp_path / "s", samples_per_shard=4)
     with pytest.raises(ShardError, match=r"'demo/zzz'.*" + str(tmp_path / "s")):

@@ -71,7 +71,7 @@ def _worker(rank: int, world: int, cfg: dict) -> dict:
     times: dict[str, list[float]] = {"inference": [], "basis": [], "capture": []}
     details: dict[str, Any] = {}
     for r in range(cfg["repeats"] + 1):  # round 0 warms up (allocations, lazy init) and is not reported
-        forward = make_capture_forward(model, capture, recon, rank)
+        forward = make_capture_forward(model, capture, recon)
         barrier()
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -80,7 +80,7 @@ def _worker(rank: int, world: int, cfg: dict) -> dict:
         barrier()
         inference = time.perf_counter() - t0
         strategy = CDADStrategy(ContinualConfig(sketch=cfg["sketch"], capture=capture))
-        forward = make_capture_forward(model, capture, recon, rank)
+        forward = make_capture_forward(model, capture, recon)
         barrier()
         t0 = time.perf_counter()
         strategy.end_task(0, model, batches, forward)
@@ -91,7 +91,7 @@ def _worker(rank: int, world: int, cfg: dict) -> dict:
         probe = CDADStrategy(ContinualConfig(sketch=cfg["sketch"], capture=capture))
         layers = probe.protected_layers(model)
         sketches = probe._new_sketches(layers, rank)
-        forward = make_capture_forward(model, capture, recon, rank)
+        forward = make_capture_forward(model, capture, recon)
         barrier()
         t0 = time.perf_counter()
         probe._capture(0, model, layers, sketches, batches, forward, rank, world)

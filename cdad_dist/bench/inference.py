@@ -48,7 +48,7 @@ from cdad_dist.errors import CheckpointError
 from cdad_dist.eval.metrics import ClassMetricAccumulator
 from cdad_dist.eval.predict import LoadedRun, load_run
 from cdad_dist.eval.reconstruct import ReconstructionConfig
-from cdad_dist.eval.scoring import batch_generator, score_batch
+from cdad_dist.eval.scoring import image_generators, score_batch
 
 QUICK_STEPS = 300
 SPANS = ("denoise", "recon", "total")  # see the module docstring: denoising ⊂ reconstruction ⊂ end to end
@@ -121,19 +121,20 @@ def measure_modes(model, extractor, batches: Sequence[dict], eval_cfg: EvalConfi
     names = list(modes)
     cfgs = {name: replace(eval_cfg, reconstruction=modes[name]) for name in names}
     for name in names:  # warm-up: first-call allocations and lazy initialisation are not part of the latency
-        score_batch(model, extractor, batches[0]["x"], cfgs[name], batch_generator(seed, 0))
+        score_batch(model, extractor, batches[0]["x"], cfgs[name], image_generators(seed, batches[0]["x"]))
     # times[name][span][batch][repeat]
     times = {name: {span: [[] for _ in batches] for span in SPANS} for name in names}
     metrics: dict[str, dict[str, ClassMetricAccumulator]] = {name: {} for name in names}
     for r in range(repeats):
         for index, batch in enumerate(batches):
             for name in _rotated(names, r + index):
-                scored = score_batch(model, extractor, batch["x"], cfgs[name], batch_generator(seed, index))
+                noise = image_generators(seed, batch["x"])  # fresh per call: every repeat draws the same noise
+                scored = score_batch(model, extractor, batch["x"], cfgs[name], noise)
                 times[name]["denoise"][index].append(scored.denoise_s)
                 times[name]["recon"][index].append(scored.recon_s)
                 times[name]["total"][index].append(scored.recon_s + scored.map_s)
                 if r == 0:  # the noise is seeded: every repeat gives the same maps
-                    metrics[name].setdefault(batch["cls"], ClassMetricAccumulator(batch["cls"])).update(
+                    metrics[name].setdefault(batch["cls"], ClassMetricAccumulator(batch["cls"], eval_cfg.metrics)).update(
                         scored.scores.cpu(), scored.maps.cpu(), batch["label"], batch["mask"])
     results: dict[str, Any] = {}
     for name in names:

@@ -81,7 +81,7 @@ def run(quick: bool, out_dir=None, *, cfg: StorageBenchConfig | None = None, log
     tasks = []
     for t, images in enumerate((smooth, textured)):
         batches = [{"image": images[i:i + 8]} for i in range(0, len(images), 8)]
-        forward = make_capture_forward(model, capture, ReconstructionConfig(start_t=300), 0)
+        forward = make_capture_forward(model, capture, ReconstructionConfig(start_t=300))
         strategy.end_task(t, model, batches, forward)
         store = strategy.store
         fp32_file, bf16_file = _file_bytes(store, "float32"), _file_bytes(store, "bfloat16")

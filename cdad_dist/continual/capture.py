@@ -147,50 +147,50 @@ class FeatureCapture:
 
 # -- which images feed the capture pass ---------------------------------------------------------------------------
 
-def make_capture_forward(model: nn.Module, cfg: CaptureConfig, reconstruction=None, rank: int = 0,
+def make_capture_forward(model: nn.Module, cfg: CaptureConfig, reconstruction=None,
                          device: torch.device | str | None = None) -> Callable[[dict], None]:
     """A ``capture_forward(batch)`` for the CDAD model API (encode / condition / predict_eps / noise_scheduler).
 
     trajectory: the evaluation's reconstruction (``reconstruction``: a DDIM from the start timestep with
     ``ddim_steps`` steps, or the one_step / fused calls), through the same code as evaluation; random_t: ``random_timesteps`` independent
     noisings at uniform t. The AMN condition is computed once per image. A batch with "perturbed" images (and
-    ``cfg.perturbed``) is passed a second time as training sees it. Noise comes from a generator seeded with
-    (seed, rank), so the capture pass is reproducible.
+    ``cfg.perturbed``) is passed a second time as training sees it. Noise and timesteps come from one generator
+    per image, seeded by (seed, the clean image's pixels) and used for both passes: an image's captured inputs
+    do not depend on its batch, its rank or the number of ranks.
     """
-    from cdad_dist.eval.reconstruct import ReconstructionConfig, reconstruct_latent
+    from cdad_dist.eval.reconstruct import ReconstructionConfig, image_generators, reconstruct_latent
 
     recon = reconstruction or ReconstructionConfig()
     # The forward passes of test time: a DDIM run gets `ddim_steps` steps from its start; one_step / fused runs
     # are captured through their own U-Net calls (a DDIM from t=999 would protect inputs the model never sees).
     trajectory = dataclasses.replace(recon, steps=cfg.ddim_steps) if recon.mode == "ddim" else recon
     num_train = int(model.noise_scheduler.config.num_train_timesteps)
-    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank)
 
     def to_device(x: torch.Tensor) -> torch.Tensor:
         return x.to(device) if device is not None else x
 
     @torch.no_grad()
     def capture_forward(batch: dict) -> None:
+        generators = image_generators(cfg.seed, batch["image"])
         x = to_device(batch["image"])
         z0 = model.encode(x)
-        run_passes(z0, model.condition(x))
+        run_passes(z0, model.condition(x), generators)
         if cfg.perturbed and "perturbed" in batch:  # the inputs training shows the network (CaptureConfig)
             x_tilde = to_device(batch["perturbed"])
             z_tilde = model.encode(x_tilde) if getattr(model, "denoise_from", "clean") == "perturbed" else z0
-            run_passes(z_tilde, model.condition(x_tilde))
+            run_passes(z_tilde, model.condition(x_tilde), generators)
 
-    def run_passes(z0: torch.Tensor, c: torch.Tensor) -> None:
+    def run_passes(z0: torch.Tensor, c: torch.Tensor, generators: list[torch.Generator]) -> None:
         if cfg.mode == "trajectory":
             # A DDIM run is `ddim_steps` U-Net calls; a one_step / fused run is one, so it is repeated with
             # `ddim_steps` noise draws at its own t (as many captured inputs per image as a DDIM run).
             for _ in range(1 if trajectory.mode == "ddim" else cfg.ddim_steps):
-                reconstruct_latent(model, z0, c, trajectory, generator)
+                reconstruct_latent(model, z0, c, trajectory, generators)
             return
-        n = z0.shape[0]
+        lo, hi = getattr(model, "train_t_range", (0, num_train))  # the noise levels it trained on
         for _ in range(cfg.random_timesteps):
-            noise = torch.randn(z0.shape, generator=generator).to(z0)
-            lo, hi = getattr(model, "train_t_range", (0, num_train))  # the noise levels it trained on
-            t = torch.randint(lo, hi, (n,), generator=generator)
-            model.predict_eps(model.noise_scheduler.add_noise(z0, noise, t.to(z0.device)), t.to(z0.device), c)
+            noise = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in generators]).to(z0)
+            t = torch.cat([torch.randint(lo, hi, (1,), generator=g) for g in generators]).to(z0.device)
+            model.predict_eps(model.noise_scheduler.add_noise(z0, noise, t), t, c)
 
     return capture_forward

@@ -114,3 +114,47 @@ def read_mask(path: str | Path) -> np.ndarray:
     if arr.ndim != 2:
         raise DatasetError(f"{path}: unsupported mask shape {arr.shape}")
     return (arr != 0).astype(np.uint8)
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize a ground-truth mask (H×W, non-zero = anomalous) to ``size`` = (height, width); uint8 {0, 1}.
+
+    Why not ``cv2.INTER_NEAREST``: it samples the top-left input pixel of each output cell, so at 1024 → 256 the
+    mask shifts by 1.5 input pixels against the INTER_AREA image, and any defect narrower than the sampling
+    step can vanish (PRO then silently loses regions). Here the mask stays pixel-centre aligned with the image:
+    - upsampling: ``INTER_NEAREST_EXACT`` (pixel-centre nearest neighbour, what PIL and torch's nearest-exact do);
+    - downsampling: an output pixel is anomalous when at least half of its area is (``INTER_AREA`` coverage, the
+      same footprint as the image's resize), and every connected defect (8-connectivity) that would vanish keeps
+      the output pixels where its own coverage is at least half its maximum: a speck becomes one pixel, a thin
+      scratch a one-pixel line, so no ground-truth region is lost.
+    """
+    height, width = size
+    binary = (np.asarray(mask) > 0).astype(np.uint8)
+    if binary.shape == (height, width):
+        return binary
+    if height >= binary.shape[0] and width >= binary.shape[1]:
+        return cv2.resize(binary, (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
+    coverage = cv2.resize(binary.astype(np.float32), (width, height), interpolation=cv2.INTER_AREA)
+    out = (coverage >= 0.5 - 1e-6).astype(np.uint8)
+    n, labels = cv2.connectedComponents(binary, connectivity=8)
+    if n <= 1:
+        return out
+    # which components are still visible: any of their pixels under a kept output pixel (centre mapping)
+    rows = ((np.arange(binary.shape[0]) + 0.5) * height / binary.shape[0]).astype(np.int64)
+    cols = ((np.arange(binary.shape[1]) + 0.5) * width / binary.shape[1]).astype(np.int64)
+    target = rows[:, None] * width + cols[None, :]  # the output pixel each input pixel falls in
+    on = labels > 0
+    comp, cell = labels[on], target[on]
+    visible = np.zeros(n, dtype=bool)
+    visible[np.unique(comp[out.reshape(-1)[cell] > 0])] = True
+    lost = ~visible[comp]
+    if not lost.any():
+        return out
+    # per (lost component, output pixel): how many of the component's pixels fall there
+    pairs, counts = np.unique(comp[lost] * (height * width) + cell[lost], return_counts=True)
+    owner, where = pairs // (height * width), pairs % (height * width)
+    best = np.zeros(n, dtype=np.int64)
+    np.maximum.at(best, owner, counts)
+    keep = where[2 * counts >= best[owner]]
+    out.reshape(-1)[keep] = 1
+    return out

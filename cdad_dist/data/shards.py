@@ -28,11 +28,11 @@ import numpy as np
 import webdataset as wds
 
 from cdad_dist.data.catalog import SampleRecord
-from cdad_dist.data.images import read_mask, read_rgb
+from cdad_dist.data.images import read_mask, read_rgb, resize_mask
 from cdad_dist.atomic import sha256_file, write_json_atomic
 from cdad_dist.errors import CdadError, DatasetError, ShardError
 
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # 2: masks resized centre-aligned without losing defects (images.resize_mask)
 MANIFEST_NAME = "manifest.json"
 PARTIAL_MANIFEST_NAME = "manifest.partial.json"
 IMAGE_FORMATS = ("png", "jpg")
@@ -178,7 +178,7 @@ def _load_sample(record: SampleRecord, image_size: int | None) -> tuple[np.ndarr
                                f"{record.image_path} is {image.shape[1]}x{image.shape[0]}")
     if image_size is not None and image.shape[:2] != (image_size, image_size):
         image = cv2.resize(image, (image_size, image_size), interpolation=cv2.INTER_AREA)
-        mask = cv2.resize(mask, (image_size, image_size), interpolation=cv2.INTER_NEAREST)
+        mask = resize_mask(mask, (image_size, image_size))  # centre-aligned, no defect lost (its doc)
     return image, (mask > 0).astype(np.uint8) * 255
 
 
@@ -420,7 +420,10 @@ def _manifest_problem(data: Any) -> str | None:
     if not isinstance(data, dict):
         return "top level is not a JSON object"
     if data.get("format") != MANIFEST_FORMAT:
-        return f"format is {data.get('format')!r}, expected {MANIFEST_FORMAT}"
+        older = isinstance(data.get("format"), int) and data["format"] < MANIFEST_FORMAT
+        hint = " (built by an older cdad-dist, whose resized masks were misaligned: delete the shard folder and " \
+               "they are rebuilt)" if older else ""
+        return f"format is {data.get('format')!r}, expected {MANIFEST_FORMAT}{hint}"
     if not isinstance(data.get("groups"), dict):
         return "missing 'groups' object"
     for name, g in data["groups"].items():

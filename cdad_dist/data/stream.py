@@ -32,6 +32,7 @@ import cv2
 import numpy as np
 import torch
 
+from cdad_dist.data.images import resize_mask
 from cdad_dist.data.shards import (decode_image_bytes, decode_mask_bytes, iter_shard_samples, load_manifest,
                                    task_shards)
 from cdad_dist.errors import ConfigError, ShardError
@@ -192,7 +193,7 @@ def _decode_raw(raw: dict[str, Any], image_size: int) -> tuple[np.ndarray, np.nd
     if image.shape[:2] != (image_size, image_size):
         image = cv2.resize(image, (image_size, image_size), interpolation=cv2.INTER_AREA)
     if mask.shape != (image_size, image_size):
-        mask = cv2.resize(mask, (image_size, image_size), interpolation=cv2.INTER_NEAREST)
+        mask = resize_mask(mask, (image_size, image_size))  # centre-aligned, no defect lost (its doc)
     return image, mask, json.loads(raw["meta.json"])
 
 

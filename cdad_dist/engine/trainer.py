@@ -17,7 +17,6 @@ from typing import Any, Callable, Iterator
 import torch
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
 
 from cdad_dist.config import RunConfig, config_to_dict
 from cdad_dist.continual.capture import make_capture_forward
@@ -39,10 +38,11 @@ from cdad_dist.engine.checkpoint import (
 from cdad_dist.engine.data_prep import ensure_shards
 from cdad_dist.engine.latent_calibration import calibrate_latents, needs_calibration
 from cdad_dist.engine.run_dir import prepare_run_dir
-from cdad_dist.errors import CheckpointError, ConfigError
+from cdad_dist.errors import CheckpointError, ConfigError, RunWriteError
 from cdad_dist.eval.evaluator import Evaluator
 from cdad_dist.eval.matrix import AccuracyMatrix
 from cdad_dist.faults import fault_point
+from cdad_dist.progress import progress
 from cdad_dist.models.presets import build_model, resolve_config
 
 
@@ -107,6 +107,7 @@ class ContinualTrainer:
             self.tasks = [[c for task in sequence.tasks for c in task]]
         else:
             self.tasks = sequence.tasks
+        task_slice(cfg.tasks, len(self.tasks))  # a bad --tasks fails before the run directory exists
         self.run_dir = prepare_run_dir(cfg, self.tasks, resume=resume, accelerator=acc)
         self.ckpt_root = self.run_dir / "checkpoints"
         acc.init_trackers("tb", config=_flat_hparams(config_to_dict(cfg)))
@@ -171,7 +172,7 @@ class ContinualTrainer:
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict[str, Any]:
         for t in self.replay_tasks:
-            self.strategy.end_task(t, self.model, self.capture_batches(self.tasks[t]), self.capture_forward(t),
+            self.strategy.end_task(t, self.model, self.capture_batches(self.tasks[t], t), self.capture_forward(t),
                                    self.accelerator)
         for t in task_slice(self.cfg.tasks, len(self.tasks)):
             if t < self.position.task:
@@ -230,7 +231,7 @@ class ContinualTrainer:
         if not (resuming_here and self.position.task_done):
             self.train_task(t, ddp_model, optimizer, scheduler, trainable, steps, start_step)
             self.save(t, steps, task_end=False, training_done=True)
-        self.strategy.end_task(t, self.model, self.capture_batches(classes), self.capture_forward(t), acc)
+        self.strategy.end_task(t, self.model, self.capture_batches(classes, t), self.capture_forward(t), acc)
         results = self.evaluator.evaluate(self.model, self.seen_classes(t), after_task=t,
                                           scorer=self.strategy.score_batch)
         for cls, metrics in results.items():
@@ -267,7 +268,8 @@ class ContinualTrainer:
         ddp_model.train()
         self.loss_balance = LossBalanceWatch(cfg.train.loss_balance_warn, cfg.model.lambda_amn, self.log)
         bad_in_a_row = 0
-        bar = tqdm(range(start_step, steps), desc=f"task {t}", disable=not acc.is_local_main_process, initial=start_step, total=steps)
+        bar = progress(range(start_step, steps), desc=f"task {t} training", total=steps, initial=start_step,
+                       enabled=acc.is_local_main_process, unit="step")
         tick = time.perf_counter()
         for step in bar:
             fault_point("train", t, step, acc.process_index)
@@ -332,7 +334,7 @@ class ContinualTrainer:
     def capture_forward(self, t: int) -> Callable[[dict], None]:
         acc = self.accelerator
         forward = make_capture_forward(
-            self.model, self.cfg.continual.capture, self.cfg.eval.reconstruction, acc.process_index, acc.device
+            self.model, self.cfg.continual.capture, self.cfg.eval.reconstruction, device=acc.device
         )
         captured = 0
 
@@ -351,10 +353,10 @@ class ContinualTrainer:
                            image_size=self.image_size, rank=self.accelerator.process_index,
                            world_size=self.accelerator.num_processes)
 
-    def capture_batches(self, classes: list[str]):
+    def capture_batches(self, classes: list[str], t: int):
         cap = self.cfg.continual.capture
         images = self.strategy.capture_images(cap.images)
-        return eval_stream(
+        stream = eval_stream(
             self.cfg.data.shards,
             classes,
             split="train",
@@ -367,6 +369,8 @@ class ContinualTrainer:
             seed=cap.seed,
             perturber=NSAPerturber(self.cfg.data.nsa) if cap.perturbed else None,
         )
+        return progress(stream, desc=f"task {t} basis capture ({stream.num_samples} images on this rank)",
+                        enabled=self.accelerator.is_local_main_process)
 
     # ------------------------------------------------------------------ bookkeeping
     def save(self, t: int, step: int, *, task_end: bool, training_done: bool = False) -> None:
@@ -444,6 +448,23 @@ def _flat_hparams(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def train(cfg: RunConfig, *, resume: bool = False) -> dict[str, Any]:
-    return ContinualTrainer(cfg, resume=resume).run()
+    """Run (or, with ``resume``, continue) the configured sequence; a failed write (read-only output, full disk)
+    becomes a :class:`RunWriteError` that names the path, what is saved and how to go on."""
+    try:
+        return ContinualTrainer(cfg, resume=resume).run()
+    except OSError as err:
+        raise RunWriteError(_write_failure(cfg, err)) from err
+
+
+def _write_failure(cfg: RunConfig, err: OSError) -> str:
+    what = f"{err.filename}: {err.strerror}" if err.filename else str(err)
+    ckpt_root = cfg.run_dir / "checkpoints"
+    try:
+        last = latest_checkpoint(ckpt_root, log=lambda *_: None) if ckpt_root.is_dir() else None
+    except (OSError, CheckpointError):
+        last = None
+    saved = f"the newest complete checkpoint, {last.path}, is intact" if last else "no checkpoint was written yet"
+    return (f"cannot write {what}; {saved} (checkpoints are written atomically). Free space or fix permissions, "
+            f"then run the same command with --resume.")
 
 

@@ -17,8 +17,9 @@ from cdad_dist.eval.anomaly_map import extractor_from_config
 from cdad_dist.eval.metrics import ClassMetricAccumulator
 from cdad_dist.eval.recon_quality import psnr
 from cdad_dist.eval.report import save_heatmap_grid, write_report
-from cdad_dist.eval.scoring import batch_generator, score_batch
-from cdad_dist.faults import fault_point
+from cdad_dist.eval.scoring import image_generators, score_batch
+from cdad_dist.faults import fault_point, poison_maps
+from cdad_dist.progress import progress
 
 
 class _Examples:
@@ -63,8 +64,11 @@ class Evaluator:
         results: dict[str, dict[str, float]] = {}
         for cls in classes:
             state, examples = self._evaluate_class(model, cls, after_task, scorer)
-            merged = ClassMetricAccumulator.from_states(cls, gather_object([state]))
+            merged = ClassMetricAccumulator.from_states(cls, gather_object([state]), self.cfg.metrics)
             results[cls] = merged.compute()
+            if merged.n_nonfinite_images:
+                acc.print(f"[eval] task {after_task} class {cls}: {merged.n_nonfinite_images} of {merged.n_images} "
+                          "test images had NaN/inf anomaly maps; its metrics are NaN")
             if acc.is_main_process and self.cfg.heatmap_images > 0:
                 safe = cls.replace("/", "_")
                 examples.save(self.run_dir / "report" / "heatmaps" / f"task{after_task:02d}_{safe}.png")
@@ -73,7 +77,7 @@ class Evaluator:
 
     def _evaluate_class(self, model, cls: str, after_task: int, scorer=None) -> tuple[dict, _Examples]:
         acc = self.accelerator
-        metric = ClassMetricAccumulator(cls)
+        metric = ClassMetricAccumulator(cls, self.cfg.metrics)
         examples = _Examples(self.cfg.heatmap_images)
         stream = eval_stream(
             self.data_cfg.shards,
@@ -86,15 +90,19 @@ class Evaluator:
             limit=self.cfg.max_test_per_class,
         )
         seed = self.cfg.reconstruction.seed
-        for index, batch in enumerate(stream):
+        bar = progress(stream, desc=f"eval after task {after_task}: {cls} ({stream.num_samples} images on this rank)",
+                       enabled=acc.is_local_main_process)
+        for index, batch in enumerate(bar):
             fault_point("eval", after_task, index, acc.process_index)
             x = batch["image"].to(acc.device)
-            # Evaluation noise depends on (seed, task, rank, batch) only: re-running an evaluation repeats it.
-            generator = batch_generator((seed * 1009 + after_task) * 9973 + acc.process_index, index)
+            # Noise per image, from the seed and the image's pixels: its score is the same in any batch, on any
+            # rank count, after every task (common noise makes forgetting a paired comparison) and in predict.
+            generator = image_generators(seed, batch["image"])
             scored = scorer(model, self.extractor, x, self.cfg, generator, acc.autocast) if scorer else None
             if scored is None:
                 scored = score_batch(model, self.extractor, x, self.cfg, generator, autocast=acc.autocast)
-            metric.update(scored.scores.cpu(), scored.maps.cpu(), batch["label"], batch["mask"])
+            maps = poison_maps(scored.maps.cpu(), after_task, index, acc.process_index)  # CDAD_FAULT_NAN rehearsal
+            metric.update(scored.scores.cpu(), maps, batch["label"], batch["mask"], names=batch["key"])
             if acc.is_main_process:
                 examples.add(batch, scored.x_hat, scored.maps, scored.scores)
         return metric.state_tensors(), examples

@@ -119,26 +119,51 @@ class AccuracyMatrix:
         return _mean(per_task, f"{metric} diagonal")
 
     def forgetting(self, metric: str, last_task_classes: list[str] | None = None) -> float:
-        """Forgetting measure FM (Chaudhry et al. 2018; the paper's Eq. 14).
+        """Forgetting measure FM (Chaudhry et al. 2018; the paper's Eq. 14), averaged over classes.
 
         Mean, over the classes *not* learned in the last task, of (max over earlier evaluations − final value).
         ``last_task_classes`` defaults to the classes whose own task is the last one. NaN when no class
         qualifies (a single-task or joint run).
         """
+        drops = self.class_drops(metric, last_task_classes)
+        return sum(drops.values()) / len(drops) if drops else math.nan
+
+    def class_drops(self, metric: str, last_task_classes: list[str] | None = None) -> dict[str, float]:
+        """Per old class: max over earlier evaluations − final value (the terms FM averages)."""
         table = self._table(metric)
         last = self._last(metric)
         if last_task_classes is None:
             last_task_classes = [c for c in table[last] if self.own_task(c) == last]
-        drops = []
+        drops: dict[str, float] = {}
         for cls, final in table[last].items():
             if cls in last_task_classes:
                 continue
             earlier = [table[t][cls] for t in table if t < last and cls in table[t] and math.isfinite(table[t][cls])]
             if earlier and math.isfinite(final):
-                drops.append(max(earlier) - final)
-        if not drops:
-            return math.nan
-        return sum(drops) / len(drops)
+                drops[cls] = max(earlier) - final
+        return drops
+
+    def per_task(self, metric: str) -> dict[int, dict[str, float]]:
+        """Per task (its own classes): ``final`` mean after the last task and ``forgetting`` mean drop (NaN for
+        the last task). Averaging over classes weighs a task by its class count; these rows do not."""
+        last = self._last(metric)
+        final_row, drops = self.row(metric, last), self.class_drops(metric)
+        by_task: dict[int, list[str]] = {}
+        for cls in final_row:
+            by_task.setdefault(self.own_task(cls), []).append(cls)
+        out: dict[int, dict[str, float]] = {}
+        for t, classes in sorted(by_task.items()):
+            task_drops = [drops[c] for c in classes if c in drops]
+            out[t] = {"final": _mean([final_row[c] for c in classes], f"{metric} final, task {t}"),
+                      "forgetting": sum(task_drops) / len(task_drops) if task_drops else math.nan}
+        return out
+
+    def task_averages(self, metric: str) -> dict[str, float]:
+        """A and FM averaged over tasks instead of classes (each task counts once)."""
+        rows = self.per_task(metric).values()
+        fm = [r["forgetting"] for r in rows if math.isfinite(r["forgetting"])]
+        return {"final_average": _mean([r["final"] for r in rows], f"{metric} task-averaged final"),
+                "forgetting": sum(fm) / len(fm) if fm else math.nan}
 
     def gap_to(self, joint: "AccuracyMatrix", metric: str) -> float:
         """Joint final average − this final average (≥ 0 when this run is below its joint upper bound).
@@ -159,6 +184,8 @@ class AccuracyMatrix:
             "diagonal_average": self.diagonal_average(metric),
             "forgetting": self.forgetting(metric),
             "step_average": {t: self.step_average(metric, t) for t in self.tasks(metric)},
+            "task_averaged": self.task_averages(metric),
+            "per_task": self.per_task(metric),
         }
         if joint is not None:
             out["gap_to_joint"] = self.gap_to(joint, metric)

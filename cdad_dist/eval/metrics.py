@@ -1,28 +1,33 @@
-"""Per-class anomaly-detection metrics, streaming and mergeable across ranks.
+"""Per-class anomaly-detection metrics, streaming and mergeable across ranks, independent of batch order.
 
 Image level (exact): AUROC and AP from torchmetrics on every image score of the class (a few hundred floats).
 
-Pixel level (binned, bounded memory): every pixel score is counted in a histogram on a *dyadic* grid: bin ``j``
-at level ``k`` is ``[j * 2**k, (j + 1) * 2**k)``, and a window of ``bins`` consecutive bins is kept. When a batch
-falls outside the window, the level grows and neighbouring bins merge; because dyadic grids nest, this is
-exact, the result does not depend on the order of the batches, and histograms from different ranks merge into
-exactly the histogram one rank would have built. (torchmetrics' binned metrics need the score range before the
-first update; a class's range is only known after its last batch, hence this grid.) At ``compute()`` the
-window edges ``e_0 < ... < e_bins`` are normalised into [0, 1] by the window's min/max, i.e. ``j / bins``, and
-torchmetrics' ``BinaryAUROC`` / ``BinaryAveragePrecision`` with those thresholds receive the exact confusion
-matrices ``score >= e_j`` through their public ``merge_state``. The data always spans at least half the
-window, so the resolution is at least ``bins / 2`` thresholds over the class's own min..max.
+Pixel level (exact up to a relative score resolution of ``2**-(pixel_key_bits - 9)``): every pixel score is
+turned into an integer *key*, the top ``pixel_key_bits`` bits of an order-preserving encoding of its float32
+bit pattern (:func:`float_keys`). Keys are a floating-point grid: equally fine relative to each score's own
+magnitude, so heavy tails, one outlier pixel of 1e6 or per-image scales of 10^±3 cost no resolution elsewhere
+(the round-1 window grid lost all resolution on such maps). The state is a sparse histogram: the sorted distinct
+keys seen and three integer rows of counts per key (normal pixels, anomalous pixels, region weight), so every
+update and merge is integer addition: the state, and therefore every metric, is bit-identical whatever the
+batch order, the batch size or the number of ranks. At 32 bits every distinct float32 score is its own
+threshold and the pixel metrics are exact (up to torchmetrics' float32 rates, 1e-7); the default 22 bits (13 mantissa bits, 1.2e-4 relative) keeps the
+state small (a few 10^4 keys for a class) and lies within 0.01 points of exact on the adversarial maps of
+``tests/test_metrics_adversarial.py``. At ``compute()`` torchmetrics' ``BinaryAUROC`` /
+``BinaryAveragePrecision`` receive the exact confusion matrices ``key >= k`` for every distinct key ``k``
+through their public ``merge_state`` (a threshold per key; torchmetrics' own binned mode needs the thresholds
+before the first update, and a class's score range is only known after its last batch).
 
 AUPRO (written by hand: anomalib's AUPRO was wrong until its v2.3, issues #1651 and #3718): the MVTec AD
 reference definition: FPR over all normal pixels of the class; PRO = mean, over every connected ground-truth
 region (8-connectivity, ``scipy.ndimage.label``) of every image, of the fraction of the region's pixels above
 the threshold; thresholds shared across images; the (FPR, PRO) curve integrated with the trapezoid rule up to
-FPR = ``pro_fpr_limit`` (linear interpolation at the limit) and divided by the limit. Choice for bounded
-memory: binned thresholds, the same dyadic edges as above. Since the mean overlap is a sum over regions, each
-anomalous pixel is counted with weight ``1 / |its region|`` in one more histogram row; the weighted count above
-``e_j`` divided by the number of regions is PRO(e_j). So the state is 3 rows × bins, whatever the number of
-regions, and no map is kept.
+FPR = ``pro_fpr_limit`` (linear interpolation at the limit) and divided by the limit. Since the mean overlap
+is a sum over regions, each anomalous pixel adds the fixed-point weight ``round(2**40 / |its region|)`` to the
+third row (integers again, so order-free); the weight above a key divided by ``2**40 * regions`` is PRO there.
+No map is kept.
 
+Non-finite maps (a diverged model) do not raise: the image is named in a :class:`NonFiniteMapWarning` with its
+count of NaN/inf pixels, counted, and the class's metrics are NaN, so the run finishes and its report says why.
 No AUROC flipping anywhere: an inverted predictor scores ≈ 0. Degenerate classes (no anomalous or no normal
 image / pixel) give NaN for the affected metrics with a :class:`DegenerateMetricWarning`, never an exception.
 """
@@ -39,7 +44,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision
 
-from cdad_dist.errors import CdadError
+from cdad_dist.errors import CdadError, ConfigError
 
 METRIC_NAMES: tuple[str, ...] = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_aupro")
 """Keys of :meth:`ClassMetricAccumulator.compute`, in report order."""
@@ -48,36 +53,42 @@ IMAGE_METRICS = ("image_auroc", "image_ap")
 PIXEL_METRICS = ("pixel_auroc", "pixel_ap", "pixel_aupro")
 
 _NEG_ROW, _POS_ROW, _PRO_ROW = 0, 1, 2  # normal count, anomalous count, region-weighted anomalous
-_MAX_LEVEL_STEPS = 4096  # guards the level search against a non-finite range (validated earlier anyway)
+_PRO_ONE = 2**40  # fixed-point 1.0 of the region weights: integer sums are exact and order-free
 
 
 class DegenerateMetricWarning(UserWarning):
     """A metric is undefined for a class (e.g. no anomalous image); its value is NaN."""
 
 
+class NonFiniteMapWarning(UserWarning):
+    """An anomaly map or image score held NaN/inf (named in the message); its class's metrics are NaN."""
+
+
 @dataclass
 class MetricConfig:
     """Options of the per-class metrics.
 
-    pixel_bins: histogram window size; the binned pixel AUROC/AP/AUPRO use ``pixel_bins + 1`` thresholds and
-        at least ``pixel_bins / 2`` of them lie inside the class's score range.
+    pixel_key_bits: bits of the pixel-score keys (module doc): 32 = exact on float32 maps; each bit fewer
+        halves the relative resolution (22: 1.2e-4) and, on smooth maps, roughly the number of distinct keys.
     pro_fpr_limit: FPR up to which the PRO curve is integrated (the MVTec AD standard is 0.3).
     pro_connectivity: 8 (the MVTec AD reference, a 3×3 structuring element) or 4.
     mask_threshold: ground-truth mask values above it are anomalous.
     """
 
-    pixel_bins: int = 4096
+    pixel_key_bits: int = 22
     pro_fpr_limit: float = 0.3
     pro_connectivity: int = 8
     mask_threshold: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.pixel_bins < 16:
-            raise CdadError(f"metrics.pixel_bins must be >= 16, got {self.pixel_bins}")
+        if not 12 <= self.pixel_key_bits <= 32:
+            raise ConfigError(f"eval.metrics.pixel_key_bits must be in 12..32, got {self.pixel_key_bits}")
         if not 0.0 < self.pro_fpr_limit <= 1.0:
-            raise CdadError(f"metrics.pro_fpr_limit must be in (0, 1], got {self.pro_fpr_limit}")
+            raise ConfigError(f"eval.metrics.pro_fpr_limit must be in (0, 1], got {self.pro_fpr_limit}")
         if self.pro_connectivity not in (4, 8):
-            raise CdadError(f"metrics.pro_connectivity must be 4 or 8, got {self.pro_connectivity}")
+            raise ConfigError(f"eval.metrics.pro_connectivity must be 4 or 8, got {self.pro_connectivity}")
+        if not 0.0 <= self.mask_threshold < 1.0:
+            raise ConfigError(f"eval.metrics.mask_threshold must be in [0, 1), got {self.mask_threshold}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -122,95 +133,42 @@ def _warn(cls_name: str, what: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# dyadic histogram
+# keys and the sparse histogram
 # ----------------------------------------------------------------------------------------------------------------
-class _DyadicHistogram:
-    """Weighted counts of float scores, ``rows`` groups × ``bins`` bins on a power-of-two grid (module doc).
+def float_keys(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Order-preserving int64 keys of float scores: the top ``bits`` bits of the float32 pattern, remapped so
+    that integer order is float order (negative patterns reversed, -0.0 == +0.0). Finite inputs only."""
+    v = values.detach().reshape(-1).to(torch.float32) + 0.0  # + 0.0 turns -0.0 into +0.0
+    raw = v.view(torch.int32).to(torch.int64) & 0xFFFFFFFF  # the unsigned bit pattern
+    ordered = torch.where(raw >= 0x80000000, 0xFFFFFFFF - raw, raw + 0x80000000)
+    return ordered >> (32 - bits)
 
-    Counts are float64 (integer counts stay exact up to 2**53)."""
 
-    def __init__(self, bins: int, rows: int) -> None:
-        self.bins = bins
-        self.level: int | None = None  # bin width is 2**level
-        self.start = 0  # absolute index of the window's first bin
-        self.counts = torch.zeros(rows, bins, dtype=torch.float64)
+class _KeyHistogram:
+    """Integer counts per distinct key: ``keys`` sorted unique (n), ``counts`` rows × n (int64)."""
 
-    # --- grid arithmetic -------------------------------------------------------------------------------------
-    @staticmethod
-    def _index(values: torch.Tensor, level: int) -> torch.Tensor:
-        return torch.floor(values * (2.0 ** (-level))).to(torch.int64)
+    def __init__(self, rows: int) -> None:
+        self.keys = torch.zeros(0, dtype=torch.int64)
+        self.counts = torch.zeros(rows, 0, dtype=torch.int64)
 
-    @staticmethod
-    def _scalar_index(value: float, level: int) -> int:
-        return math.floor(value * 2.0 ** (-level))
-
-    def _lowest_level(self, lo: float, hi: float) -> int:
-        """A level the data [lo, hi] cannot need to go below; also keeps |index| < 2**52 (float64 precision)."""
-        mag, span = max(abs(lo), abs(hi)), hi - lo
-        if mag == 0:
-            return -60
-        level = math.floor(math.log2(mag)) - 50
-        if span > 0:
-            return max(level, math.floor(math.log2(span / self.bins)) - 1)
-        return max(level, math.floor(math.log2(mag)) - 30)
-
-    def _fit(self, windows: list[tuple[int, int]], lo: float | None, hi: float | None, level: int) -> tuple[int, int]:
-        """Finest (level', start) with level' >= level whose window holds every (level, start) window given and
-        the scores [lo, hi]."""
-        for new_level in range(level, level + _MAX_LEVEL_STEPS):
-            ends: list[int] = []
-            for w_level, w_start in windows:
-                steps = min(new_level - w_level, 63)
-                ends += [w_start >> steps, (w_start + self.bins - 1) >> steps]
-            if lo is not None:
-                ends += [self._scalar_index(lo, new_level), self._scalar_index(hi, new_level)]
-            if max(ends) - min(ends) + 1 <= self.bins:
-                return new_level, min(ends)
-        raise CdadError("score range too wide for the pixel histogram (non-finite scores?)")
-
-    def _regrid(self, level: int, start: int) -> None:
-        """Move the counts to a coarser-or-equal grid (level, start); exact because dyadic bins nest."""
-        if self.level is None or (level == self.level and start == self.start):
-            self.level, self.start = level, start
+    def add(self, keys: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> None:
+        """Add int64 ``weights`` of pixels with ``keys`` into histogram ``rows`` (all of the same length)."""
+        if keys.numel() == 0:
             return
-        steps = min(level - self.level, 63)
-        old_abs = torch.arange(self.bins, dtype=torch.int64) + self.start
-        new_rel = (old_abs >> steps) - start
-        if new_rel.min() < 0 or new_rel.max() >= self.bins:
-            raise AssertionError("internal: regrid window does not cover the old window")
-        new = torch.zeros_like(self.counts)
-        new.index_add_(1, new_rel, self.counts)
-        self.counts, self.level, self.start = new, level, start
-
-    def ensure_range(self, lo: float, hi: float) -> None:
-        """Grow the window (coarsening if needed) so that [lo, hi] falls inside it."""
-        level = self._lowest_level(lo, hi)
-        if self.level is None:
-            self.level, self.start = self._fit([], lo, hi, level)
-            return
-        self._regrid(*self._fit([(self.level, self.start)], lo, hi, max(level, self.level)))
-
-    def add(self, values: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> None:
-        """Add float64 ``values`` with ``weights`` into histogram rows ``rows`` (all of the same length)."""
-        if values.numel() == 0:
-            return
-        self.ensure_range(float(values.min()), float(values.max()))
-        rel = self._index(values, self.level) - self.start
-        flat = rows * self.bins + rel
+        uniq, inverse = torch.unique(keys, return_inverse=True)
         n_rows = self.counts.shape[0]
-        hist = torch.bincount(flat, weights=weights, minlength=n_rows * self.bins)
-        self.counts += hist.view(n_rows, self.bins)
+        batch = torch.zeros(n_rows * uniq.numel(), dtype=torch.int64)
+        batch.index_add_(0, rows * uniq.numel() + inverse, weights)
+        self.add_histogram(uniq, batch.view(n_rows, -1))
 
-    def edges(self) -> np.ndarray:
-        """The ``bins + 1`` window edges in score units (float64)."""
-        j = np.arange(self.start, self.start + self.bins + 1, dtype=np.float64)
-        return j * 2.0 ** self.level
-
-    # --- merging ---------------------------------------------------------------------------------------------
-    def common_grid(self, other: "_DyadicHistogram") -> tuple[int, int]:
-        """The finest (level, start) whose window holds both windows."""
-        windows = [(self.level, self.start), (other.level, other.start)]
-        return self._fit(windows, None, None, max(self.level, other.level))
+    def add_histogram(self, keys: torch.Tensor, counts: torch.Tensor) -> None:
+        """Merge another sparse histogram (sorted unique ``keys``, rows × n ``counts``); integer, so exact."""
+        if keys.numel() == 0:
+            return
+        merged, inverse = torch.unique(torch.cat([self.keys, keys]), return_inverse=True)
+        out = torch.zeros(self.counts.shape[0], merged.numel(), dtype=torch.int64)
+        out.index_add_(1, inverse, torch.cat([self.counts, counts], 1))
+        self.keys, self.counts = merged, out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -221,8 +179,8 @@ class ClassMetricAccumulator:
 
     Distributed use: each rank updates its own accumulator with its share of the class's test images; then
     the caller gathers ``state_tensors()`` of every rank (e.g. ``torch.distributed.all_gather_object`` or
-    ``accelerate.utils.gather_object``) and merges them (``merge`` or :meth:`from_states`). The merged result
-    is identical to a single accumulator fed every batch, whatever the order.
+    ``accelerate.utils.gather_object``) and merges them (``merge`` or :meth:`from_states`). The merged state is
+    identical, integer for integer, to a single accumulator fed every batch, whatever the order.
 
     Pixel state lives on the CPU (maps are moved there in ``update``), so it is independent of the device.
     """
@@ -232,8 +190,9 @@ class ClassMetricAccumulator:
         self.cfg = cfg or MetricConfig()
         self._scores: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
-        self._hist = _DyadicHistogram(self.cfg.pixel_bins, rows=3)
+        self._hist = _KeyHistogram(rows=3)
         self._n_regions = 0
+        self._n_nonfinite = 0
         self._structure = np.ones((3, 3), dtype=int) if self.cfg.pro_connectivity == 8 else None
 
     # --- update ----------------------------------------------------------------------------------------------
@@ -254,43 +213,58 @@ class ClassMetricAccumulator:
         labels_f = labels.to("cpu", torch.float64)
         if not bool(((labels_f == 0) | (labels_f == 1)).all()):
             raise CdadError(f"{where}: labels must be 0 (normal) or 1 (anomalous), got {labels.tolist()}")
-        maps = maps.detach().to("cpu", torch.float64)
+        maps = maps.detach().to("cpu", torch.float32)
         scores = scores.to("cpu", torch.float64)
-        if not bool(torch.isfinite(maps).all()) or not bool(torch.isfinite(scores).all()):
-            raise CdadError(f"{where}: anomaly maps or scores contain NaN/inf")
         masks = resize_masks_nearest(masks.detach().cpu(), tuple(maps.shape[-2:]), self.cfg.mask_threshold)
         return scores, maps[:, 0], labels_f.to(torch.int64), masks[:, 0].bool()
 
-    def update(self, scores: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor) -> None:
+    def _finite_images(self, scores: torch.Tensor, maps: torch.Tensor, names) -> torch.Tensor:
+        """Which images of the batch are finite; each other one is named in a warning and counted."""
+        bad_pixels = (~torch.isfinite(maps)).flatten(1).sum(1)
+        finite = (bad_pixels == 0) & torch.isfinite(scores)
+        for i in torch.nonzero(~finite).flatten().tolist():
+            name = repr(str(names[i])) if names is not None else f"{i} of the batch"
+            what = (f"{int(bad_pixels[i])} of {maps[i].numel()} anomaly-map pixels are NaN/inf"
+                    if bad_pixels[i] else "its image score is NaN/inf")
+            warnings.warn(f"class {self.cls_name!r}: image {name}: {what}; the class's metrics will be NaN",
+                          NonFiniteMapWarning, stacklevel=3)
+        self._n_nonfinite += int((~finite).sum())
+        return finite
+
+    def update(self, scores: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
+               names: list[str] | None = None) -> None:
         """Add a batch: image scores (B), anomaly maps (B×1×H×W), labels (B, 0/1), masks (B×1×h×w, any size:
-        resized to the map size with nearest neighbour)."""
+        resized to the map size with nearest neighbour); ``names`` (B image keys) name non-finite images."""
         scores, maps, labels, masks = self._check_batch(scores, maps, labels, masks)
+        finite = self._finite_images(scores, maps, names)
         self._scores.append(scores)
         self._labels.append(labels)
-        values = maps.reshape(-1)
+        if not bool(finite.all()):
+            maps, masks = maps[finite], masks[finite]
+        keys = float_keys(maps, self.cfg.pixel_key_bits)
         rows = torch.where(masks, _POS_ROW, _NEG_ROW).reshape(-1)
         region_weight, n_regions = self._region_weights(masks)
         region_weight = region_weight.reshape(-1)
         anomalous = region_weight > 0
-        # every pixel counts once in the normal/anomalous rows; anomalous ones once more, weighted 1/|region|
+        # every pixel counts once in the normal/anomalous rows; anomalous ones once more, with their region weight
         self._hist.add(
-            torch.cat([values, values[anomalous]]),
+            torch.cat([keys, keys[anomalous]]),
             torch.cat([rows, torch.full((int(anomalous.sum()),), _PRO_ROW, dtype=torch.int64)]),
-            torch.cat([torch.ones_like(values), region_weight[anomalous]]),
+            torch.cat([torch.ones_like(keys), region_weight[anomalous]]),
         )
         self._n_regions += n_regions
 
     def _region_weights(self, masks: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Per pixel 1 / size of its connected GT region (0 for normal pixels), and the number of regions."""
-        out = np.zeros(masks.shape, dtype=np.float64)
+        """Per pixel round(2**40 / size of its connected GT region) (0 for normal pixels), and the region count."""
+        out = np.zeros(masks.shape, dtype=np.int64)
         total = 0
         for i, mask in enumerate(masks.numpy()):
             if not mask.any():
                 continue
             labelled, n = ndimage.label(mask, structure=self._structure)
-            sizes = np.bincount(labelled.ravel(), minlength=n + 1).astype(np.float64)
-            inverse = np.zeros(n + 1)
-            inverse[1:] = 1.0 / sizes[1:]
+            sizes = np.bincount(labelled.ravel(), minlength=n + 1)
+            inverse = np.zeros(n + 1, dtype=np.int64)
+            inverse[1:] = np.rint(_PRO_ONE / sizes[1:]).astype(np.int64)
             out[i] = inverse[labelled]
             total += n
         return torch.from_numpy(out), total
@@ -305,51 +279,50 @@ class ClassMetricAccumulator:
         """Connected ground-truth regions seen so far."""
         return self._n_regions
 
+    @property
+    def n_nonfinite_images(self) -> int:
+        """Images whose map or score held NaN/inf (their class's metrics are NaN)."""
+        return self._n_nonfinite
+
+    @property
+    def n_keys(self) -> int:
+        """Distinct pixel-score keys held (the state's size is 4 int64 per key)."""
+        return int(self._hist.keys.numel())
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """This rank's state as CPU tensors (for a gather); :meth:`merge` takes the same dict back."""
-        level = self._hist.level
         return {
             "image_scores": torch.cat(self._scores) if self._scores else torch.zeros(0, dtype=torch.float64),
             "image_labels": torch.cat(self._labels) if self._labels else torch.zeros(0, dtype=torch.int64),
+            "pixel_keys": self._hist.keys.clone(),
             "pixel_counts": self._hist.counts.clone(),
-            "pixel_grid": torch.tensor(
-                [0 if level is None else 1, 0 if level is None else level, self._hist.start, self._hist.bins],
-                dtype=torch.int64,
-            ),
+            "pixel_key_bits": torch.tensor(self.cfg.pixel_key_bits, dtype=torch.int64),
             "n_regions": torch.tensor(self._n_regions, dtype=torch.int64),
+            "nonfinite_images": torch.tensor(self._n_nonfinite, dtype=torch.int64),
         }
 
-    def merge(self, other: "ClassMetricAccumulator | dict[str, torch.Tensor]") -> None:
+    def merge(self, other: ClassMetricAccumulator | dict[str, torch.Tensor]) -> None:
         """Merge another rank's accumulator (or its ``state_tensors()``) into this one; exact."""
         state = other.state_tensors() if isinstance(other, ClassMetricAccumulator) else other
-        missing = {"image_scores", "image_labels", "pixel_counts", "pixel_grid", "n_regions"} - set(state)
+        needed = {"image_scores", "image_labels", "pixel_keys", "pixel_counts", "pixel_key_bits", "n_regions",
+                  "nonfinite_images"}
+        missing = needed - set(state)
         if missing:
             raise CdadError(f"class {self.cls_name!r}: metric state lacks keys {sorted(missing)}")
-        has_grid, level, start, bins = (int(v) for v in state["pixel_grid"].tolist())
-        if bins != self._hist.bins:
-            raise CdadError(
-                f"class {self.cls_name!r}: cannot merge metric states with pixel_bins {bins} and {self._hist.bins}"
-            )
+        bits = int(state["pixel_key_bits"])
+        if bits != self.cfg.pixel_key_bits:
+            raise CdadError(f"class {self.cls_name!r}: cannot merge metric states with pixel_key_bits {bits} "
+                            f"and {self.cfg.pixel_key_bits}")
         self._scores.append(state["image_scores"].to(torch.float64).cpu())
         self._labels.append(state["image_labels"].to(torch.int64).cpu())
         self._n_regions += int(state["n_regions"])
-        if not has_grid:
-            return
-        incoming = _DyadicHistogram(bins, rows=3)
-        incoming.level, incoming.start = level, start
-        incoming.counts = state["pixel_counts"].to(torch.float64).cpu().clone()
-        if self._hist.level is None:
-            self._hist.level, self._hist.start = level, start
-        else:
-            grid = self._hist.common_grid(incoming)
-            self._hist._regrid(*grid)
-            incoming._regrid(*grid)
-        self._hist.counts = self._hist.counts + incoming.counts
+        self._n_nonfinite += int(state["nonfinite_images"])
+        self._hist.add_histogram(state["pixel_keys"].to(torch.int64).cpu(), state["pixel_counts"].to(torch.int64).cpu())
 
     @classmethod
     def from_states(
         cls, cls_name: str, states: list[dict[str, torch.Tensor]], cfg: MetricConfig | None = None
-    ) -> "ClassMetricAccumulator":
+    ) -> ClassMetricAccumulator:
         """One accumulator from the gathered states of every rank."""
         acc = cls(cls_name, cfg)
         for state in states:
@@ -362,6 +335,9 @@ class ClassMetricAccumulator:
         out = {name: math.nan for name in METRIC_NAMES}
         if self.n_images == 0:
             _warn(self.cls_name, "no image was evaluated")
+            return out
+        if self._n_nonfinite:
+            _warn(self.cls_name, f"{self._n_nonfinite} of {self.n_images} images had NaN/inf anomaly maps or scores")
             return out
         out.update(self._image_metrics())
         out.update(self._pixel_metrics())
@@ -384,16 +360,17 @@ class ClassMetricAccumulator:
 
     def _pixel_metrics(self) -> dict[str, float]:
         counts = self._hist.counts
-        n_neg, n_pos = round(float(counts[_NEG_ROW].sum())), round(float(counts[_POS_ROW].sum()))
+        n_neg, n_pos = int(counts[_NEG_ROW].sum()), int(counts[_POS_ROW].sum())
         if n_neg == 0 or n_pos == 0:
             _warn(self.cls_name, "pixel metrics need both normal and anomalous pixels")
             return {}
-        # above[r, j] = number of pixels of row r with score >= e_j, j = 0..bins (the last is 0)
+        # above[r, j] = pixels of row r whose key is >= the j-th smallest key; one more column of 0 (above all)
         above = torch.flip(torch.cumsum(torch.flip(counts, [1]), 1), [1])
         above = torch.cat([above, torch.zeros(above.shape[0], 1, dtype=above.dtype)], 1)
-        tp, fp = above[_POS_ROW].round().long(), above[_NEG_ROW].round().long()
+        tp, fp = above[_POS_ROW], above[_NEG_ROW]
         confmat = torch.stack([torch.stack([n_neg - fp, fp], -1), torch.stack([n_pos - tp, tp], -1)], -2)
-        thresholds = torch.linspace(0.0, 1.0, self._hist.bins + 1)  # the edges, normalised by the window
+        # one threshold per key; only their order matters to torchmetrics' curve, not their values
+        thresholds = torch.linspace(0.0, 1.0, confmat.shape[0], dtype=torch.float64).float()
         return {
             "pixel_auroc": _binned_metric(BinaryAUROC(thresholds=thresholds), confmat),
             "pixel_ap": _binned_metric(BinaryAveragePrecision(thresholds=thresholds), confmat),
@@ -401,9 +378,9 @@ class ClassMetricAccumulator:
         }
 
     def _aupro(self, above: torch.Tensor, n_neg: int) -> float:
-        pro = (above[_PRO_ROW] / self._n_regions).numpy()
-        fpr = (above[_NEG_ROW] / n_neg).numpy()
-        # thresholds descending = FPR ascending; the last edge gives (0, 0), the first (1, 1)
+        pro = (above[_PRO_ROW].double() / (_PRO_ONE * self._n_regions)).numpy()
+        fpr = (above[_NEG_ROW].double() / n_neg).numpy()
+        # keys descending = FPR ascending; the extra column gives (0, 0), the smallest key (1, 1)
         limit = self.cfg.pro_fpr_limit
         return float(trapezoid_to_limit(fpr[::-1], pro[::-1], limit) / limit)
 

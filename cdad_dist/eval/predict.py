@@ -10,8 +10,8 @@
    An unreadable image is reported on stderr and in the outputs (``error`` field) and skipped.
 3. ``score_batch`` — what the evaluator does per batch (the reconstruction with ``cfg.eval.reconstruction``,
    the reference D(E(x)), ``anomaly_maps`` with ``cfg.eval.anomaly_map``) in one function, shared with
-   ``cdad bench inference``. Noise comes from a CPU generator seeded by (reconstruction seed, batch index): the
-   same inputs always give the same scores, on any device.
+   ``cdad bench inference``. Noise comes from one CPU generator per image seeded by (reconstruction seed, the
+   image's pixels): an image gets the same score in any batch, on any device, and the same as in the evaluator.
 4. Outputs in ``out_dir``: ``scores.csv`` and ``scores.json`` (path, score, decision, map file, error) and one PNG
    per image under ``maps/`` (input | heat-map overlay with a colour bar; the threshold drawn as a contour).
 
@@ -48,7 +48,7 @@ from cdad_dist.data.images import read_rgb
 from cdad_dist.engine.checkpoint import MANIFEST, CheckpointRef, select_task_end
 from cdad_dist.errors import CdadError, CheckpointError
 from cdad_dist.eval.anomaly_map import extractor_from_config
-from cdad_dist.eval.scoring import ScoredBatch, batch_generator, score_batch
+from cdad_dist.eval.scoring import ScoredBatch, score_batch
 from cdad_dist.models.presets import build_model, resolve_config
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -177,12 +177,11 @@ def _readable_batches(images: Sequence[InputImage], size: int, batch_size: int,
 
 def _score_images(run: LoadedRun, images: Sequence[InputImage], errors: dict[int, str],
                   batch_size: int | None = None) -> Iterator[tuple[list[int], ScoredBatch]]:
-    """(indices, ScoredBatch) per batch of readable images; the noise is seeded by the batch index."""
-    seed = run.cfg.eval.reconstruction.seed
+    """(indices, ScoredBatch) per batch of readable images; the noise is seeded per image (score_batch)."""
     batches = _readable_batches(images, run.image_size, batch_size or run.cfg.eval.batch_size, errors)
-    for index, chunk in enumerate(batches):
+    for chunk in batches:
         x = torch.stack([t for _, t in chunk]).to(run.device)
-        scored = score_batch(run.model, run.extractor, x, run.cfg.eval, batch_generator(seed, index))
+        scored = score_batch(run.model, run.extractor, x, run.cfg.eval)
         yield [i for i, _ in chunk], scored
 
 

@@ -11,11 +11,17 @@ Modes (all: encode with the posterior mode, AMN condition of x computed ONCE per
 Default t values for the DiffusionAD modes are its 200 / 400 (linear β 1e-4…0.02) mapped to SD 1.5's scaled-linear
 schedule by matching ᾱ: 200 → 261, 400 → 568.
 
-Noise: ``randn(z.shape, generator)`` drawn on the generator's device (CPU by default: ``cfg.seed``), so a seed
-gives the same reconstruction on any device.
+Noise is drawn per image: ``generator`` is one CPU generator per image (:func:`image_generators`, seeded by the
+reconstruction seed and the image's own pixels), and image i's noise is ``randn(z.shape[1:], generator[i])``. So
+an image gets the same noise, and the same score up to float rounding, alone or in any batch, in any order, on
+any rank and device, in the evaluator as in ``cdad predict``. (Round 1 drew one ``randn(z.shape)`` per batch
+from a (task, rank, batch)-seeded generator: an image's score changed with its batch-mates and the rank count.)
+A single generator is still accepted and then draws the whole batch at once.
 """
 from __future__ import annotations
 
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,7 +41,7 @@ class ReconstructionConfig:
     t_s: int = 261              # fused: small scale
     t_b: int = 568              # fused: large scale (≈ DiffusionAD's 400)
     w: float = 1.0              # fused: guidance weight (DiffusionAD's condition_w)
-    seed: int = 0               # used when no generator is passed
+    seed: int = 0               # noise seed, combined with each image's pixels (image_generators)
 
 
 def _check(cfg: ReconstructionConfig, T: int) -> None:
@@ -80,8 +86,29 @@ def x0_from_eps(scheduler, z_t: torch.Tensor, eps: torch.Tensor, t: int) -> torc
     return ((z_t.float() - (1 - a).sqrt() * eps.float()) / a.sqrt()).to(z_t.dtype)
 
 
-def _noise(z: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    return torch.randn(z.shape, generator=generator, device=generator.device, dtype=torch.float32).to(z)
+Noise = torch.Generator | Sequence[torch.Generator]
+"""One generator per image of the batch (:func:`image_generators`), or one for the whole batch."""
+
+
+def image_generators(seed: int, images: torch.Tensor) -> list[torch.Generator]:
+    """One CPU generator per image, seeded by ``seed`` and a CRC-32 of the image's float32 pixels.
+
+    Keyed by content, not by position or name, so an image's noise does not depend on its batch, its rank or
+    on which tool scores it (the evaluator and ``cdad predict`` see the same pixels for the same file).
+    """
+    if images.device.type == "meta":  # shape-only traces (`cdad plan`): there are no pixels to key on
+        return [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in range(images.shape[0])]
+    pixels = images.detach().to("cpu", torch.float32).contiguous()
+    return [torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(img.numpy().tobytes())) % 2**63)
+            for img in pixels]
+
+
+def _noise(z: torch.Tensor, generator: Noise) -> torch.Tensor:
+    if isinstance(generator, torch.Generator):
+        return torch.randn(z.shape, generator=generator, device=generator.device, dtype=torch.float32).to(z)
+    if len(generator) != z.shape[0]:
+        raise ValueError(f"{len(generator)} noise generators for a batch of {z.shape[0]} latents")
+    return torch.stack([torch.randn(z.shape[1:], generator=g, dtype=torch.float32) for g in generator]).to(z)
 
 
 def _q_sample(scheduler, z: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
@@ -128,7 +155,7 @@ _MODES = {"ddim": _ddim, "one_step": _one_step, "fused": _fused}
 
 
 def reconstruct_latent(model, z: torch.Tensor, c: torch.Tensor, cfg: ReconstructionConfig | None = None,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+                       generator: Noise | None = None) -> torch.Tensor:
     """The reconstructed latent from the clean latent ``z`` and the AMN condition ``c`` (already computed)."""
     cfg = cfg or ReconstructionConfig()
     _check(cfg, model.ddim_scheduler.config.num_train_timesteps)
@@ -138,9 +165,11 @@ def reconstruct_latent(model, z: torch.Tensor, c: torch.Tensor, cfg: Reconstruct
 
 
 def reconstruct(model, x: torch.Tensor, cfg: ReconstructionConfig | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: Noise | None = None) -> torch.Tensor:
     """x̂ ∈ [0,1] for images ``x`` (B×3×H×W in [0,1])."""
     with torch.inference_mode():
         z = model.encode(x)
         c = model.condition(x)
+        if generator is None:
+            generator = image_generators((cfg or ReconstructionConfig()).seed, x)
         return model.decode(reconstruct_latent(model, z, c, cfg, generator))

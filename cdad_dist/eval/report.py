@@ -131,7 +131,9 @@ def render_markdown(results: dict[str, Any], matrix: AccuracyMatrix) -> str:
         f"| {_pct(s.get('pixel_aupro', {}).get('forgetting'), 2)} |",
         "",
         "A-x: mean over all classes after the last task. FM: mean over classes not in the last task of "
-        "(best earlier value − final value). Diagonal: mean over tasks of each task's own classes right after it.",
+        "(best earlier value − final value). Both are averaged over **classes** (as in the paper): a task with "
+        "more classes weighs more; the per-task table below averages over tasks instead. Diagonal: mean over "
+        "tasks of each task's own classes right after it.",
         "",
         "| Metric | A (final average) | Diagonal average | FM | Gap to joint |",
         "|---|---|---|---|---|",
@@ -141,9 +143,32 @@ def render_markdown(results: dict[str, Any], matrix: AccuracyMatrix) -> str:
             f"| {_TITLES.get(m, m)} | {_pct(v.get('final_average'))} | {_pct(v.get('diagonal_average'))} "
             f"| {_pct(v.get('forgetting'), 2)} | {_pct(v.get('gap_to_joint'), 2)} |"
         )
-    lines += ["", *_step_table(results, matrix), "", "## Per task and class", ""]
+    lines += ["", *_task_table(results), "", *_step_table(results, matrix), "", "## Per task and class", ""]
     lines += _per_task_tables(results, matrix)
     return "\n".join(lines) + "\n"
+
+
+def _task_table(results: dict[str, Any]) -> list[str]:
+    """Final value and FM of each task's own classes (image / pixel AUROC), and their task-averaged means."""
+    s = results["summary"]
+    if not {"image_auroc", "pixel_auroc"} <= set(s) or "per_task" not in s["image_auroc"]:
+        return []
+
+    def cell(metric: str, t: Any, key: str, digits: int) -> str:
+        return _pct(s[metric]["per_task"].get(t, {}).get(key), digits)
+
+    lines = ["## Per task (AUROC of each task's own classes after the last task; image / pixel, %)", "",
+             "| Task | Classes | Final | FM |", "|---|---|---|---|"]
+    for t in sorted(s["image_auroc"]["per_task"], key=int):
+        classes = results["tasks"][int(t)] if int(t) < len(results["tasks"]) else []
+        lines.append(f"| {t} | {', '.join(classes) or '–'} | {cell('image_auroc', t, 'final', 1)} / "
+                     f"{cell('pixel_auroc', t, 'final', 1)} | {cell('image_auroc', t, 'forgetting', 2)} / "
+                     f"{cell('pixel_auroc', t, 'forgetting', 2)} |")
+    avg = {m: s[m]["task_averaged"] for m in ("image_auroc", "pixel_auroc")}
+    lines.append(f"| **task-averaged** | | {_pct(avg['image_auroc']['final_average'])} / "
+                 f"{_pct(avg['pixel_auroc']['final_average'])} | {_pct(avg['image_auroc']['forgetting'], 2)} / "
+                 f"{_pct(avg['pixel_auroc']['forgetting'], 2)} |")
+    return lines
 
 
 def _step_labels(tasks: list[list[str]]) -> list[str]:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable, ContextManager
 import torch
 
 from cdad_dist.eval.anomaly_map import anomaly_maps
-from cdad_dist.eval.reconstruct import reconstruct_latent
+from cdad_dist.eval.reconstruct import Noise, image_generators, reconstruct_latent
 
 if TYPE_CHECKING:
     from cdad_dist.config import EvalConfig
@@ -29,9 +29,7 @@ class ScoredBatch:
     denoise_s: float         # the part of recon_s the reconstruction mode does: noising, U-Net calls, updates
 
 
-def batch_generator(seed: int, index: int) -> torch.Generator:
-    """Noise of batch ``index``: a CPU generator, so the same seed gives the same noise on any device."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + index)
+__all__ = ["ScoredBatch", "image_generators", "score_batch"]
 
 
 def _sync(device: torch.device) -> None:
@@ -40,7 +38,7 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def score_batch(model, extractor, x: torch.Tensor, eval_cfg: EvalConfig, generator: torch.Generator,
+def score_batch(model, extractor, x: torch.Tensor, eval_cfg: EvalConfig, generator: Noise | None = None,
                 autocast: Callable[[], ContextManager] | None = None) -> ScoredBatch:
     """What the evaluator does per batch: x̂ = D(denoise(E(x), AMN(x))), maps of φ(D(E(x))) vs φ(x̂), scores.
 
@@ -48,8 +46,11 @@ def score_batch(model, extractor, x: torch.Tensor, eval_cfg: EvalConfig, generat
     256 px an encoder pass costs ~1.6 U-Net calls). ``autocast`` (e.g. ``accelerator.autocast``) gives the
     diffusion model the run's compute dtype (needed when the weights themselves are bf16/fp16, as under
     DeepSpeed); the anomaly maps are computed in float32. Stages are timed with ``perf_counter`` (synchronising
-    CUDA first) so benchmarks use this very function.
+    CUDA first) so benchmarks use this very function. ``generator``: one per image (default
+    ``image_generators(reconstruction seed, x)``: an image's score does not depend on its batch).
     """
+    if generator is None:
+        generator = image_generators(eval_cfg.reconstruction.seed, x)
     compute = autocast or contextlib.nullcontext
     clock = _StageClock(x.device)
     with compute():
