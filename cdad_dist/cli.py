@@ -121,6 +121,7 @@ def _cmd_predict(args) -> int:
     predict(
         Path(args.run), [Path(p) for p in args.inputs], Path(args.out), task=args.task, threshold=args.threshold,
         calibration_images=[Path(p) for p in args.calibrate] if args.calibrate else None, quantile=args.quantile,
+        device=args.device, batch_size=args.batch_size,
     )
     return 0
 
@@ -149,7 +150,7 @@ def _cmd_bench(args) -> int:
 
     strategies = [s for s in args.strategies.split(",") if s] if args.strategies else None
     results = run_benchmarks(args.name, quick=args.quick, out_dir=Path(args.out), config=args.config,
-                             strategies=strategies)
+                             strategies=strategies, seeds=args.seeds)
     print(json.dumps({k: v.get("summary", "") for k, v in results.items()}, indent=2))
     return 0
 
@@ -194,15 +195,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(train_p)
     train_p.set_defaults(func=_cmd_train)
 
-    predict = sub.add_parser("predict", help="anomaly maps and scores for images with a trained run")
-    predict.add_argument("--run", required=True)
-    predict.add_argument("--task", default="latest")
-    predict.add_argument("--threshold", type=float, default=None, help="score above which an image is anomalous")
+    predict = sub.add_parser(
+        "predict", help="anomaly maps and scores for images with a trained run",
+        description="Score images with a trained run: writes OUT/scores.csv, OUT/scores.json and one heat map "
+                    "per image (OUT/maps/*.png, at the image's own resolution). An image's score does not depend "
+                    "on the other images of the call.")
+    predict.add_argument("--run", required=True, metavar="RUN_DIR", help="the run directory (runs/NAME)")
+    predict.add_argument("--task", default="latest",
+                         help="which task-end checkpoint: 'latest' (default) or a task index, e.g. 0")
+    predict.add_argument("--threshold", type=float, default=None,
+                         help="score above which an image is anomalous (default: none, or --calibrate)")
     predict.add_argument("--calibrate", nargs="+", default=None, metavar="NORMAL_IMAGES",
-                         help="set the threshold from normal images (their --quantile of scores)")
-    predict.add_argument("--quantile", type=float, default=0.99)
-    predict.add_argument("--out", required=True)
-    predict.add_argument("inputs", nargs="+")
+                         help="set the threshold from normal images or folders: their --quantile of scores")
+    predict.add_argument("--quantile", type=float, default=0.99,
+                         help="quantile of the normal scores used by --calibrate (default 0.99: ~1%% flagged)")
+    predict.add_argument("--out", required=True, help="output folder (reused: maps no longer listed are removed)")
+    predict.add_argument("--device", default=None, help="torch device, e.g. cuda:1 or cpu (default: cuda if any)")
+    predict.add_argument("--batch-size", type=int, default=None, dest="batch_size",
+                         help="images per batch (default: the run's eval.batch_size); does not change scores")
+    predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER",
+                         help="image files, or folders scanned recursively for png/jpg/bmp/tif")
     predict.set_defaults(func=_cmd_predict)
 
     report = sub.add_parser("report", help="compare several runs in one table")
@@ -231,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "configs/real.yaml; default configs/demo.yaml")
     bench.add_argument("--strategies", default=None,
                        help="`continual` only: comma-separated rows, e.g. naive,cdad,joint,knn (default: all)")
+    bench.add_argument("--seeds", type=int, default=1,
+                       help="`continual` only: repeat the study with N seeds; mean ± std and error bars")
     bench.set_defaults(func=_cmd_bench)
     return parser
 

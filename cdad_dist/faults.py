@@ -1,7 +1,8 @@
 """Deterministic fault injection for the kill-and-resume tests (and for users rehearsing a cluster failure).
 
-``CDAD_FAULT=PHASE:TASK:INDEX[:RANK]`` makes the process of rank RANK (default 0) SIGKILL itself at that point, the
-way the OOM killer or a lost node would end it: no exception, no cleanup, no flushing. Phases:
+``CDAD_FAULT=PHASE:TASK:INDEX[:RANK[:ACTION]]`` makes the process of rank RANK (default 0) SIGKILL itself at that
+point, the way the OOM killer or a lost node would end it: no exception, no cleanup, no flushing. With ACTION
+``raise`` it raises :class:`InjectedFault` there instead (an in-process crash, for single-process tests). Phases:
 
 - ``train``: before optimizer step INDEX of task TASK;
 - ``capture``: before capture batch INDEX of task TASK's basis pass;
@@ -26,23 +27,37 @@ ENV = "CDAD_FAULT"
 NAN_ENV = "CDAD_FAULT_NAN"
 
 
-def _parse(spec: str) -> tuple[str, int, int, int]:
+ACTIONS = ("kill", "raise")
+
+
+class InjectedFault(RuntimeError):
+    """Raised at a ``CDAD_FAULT=...:raise`` point."""
+
+
+def _parse(spec: str) -> tuple[tuple[str, int, int, int], str]:
     parts = spec.split(":")
     try:
-        if len(parts) not in (3, 4) or parts[0] not in PHASES:
+        if len(parts) not in (3, 4, 5) or parts[0] not in PHASES:
             raise ValueError
-        rank = int(parts[3]) if len(parts) == 4 else 0
-        return parts[0], int(parts[1]), int(parts[2]), rank
+        rank = int(parts[3]) if len(parts) >= 4 else 0
+        action = parts[4] if len(parts) == 5 else "kill"
+        if action not in ACTIONS:
+            raise ValueError
+        return (parts[0], int(parts[1]), int(parts[2]), rank), action
     except ValueError:
-        raise ConfigError(f"{ENV}={spec!r}: expected PHASE:TASK:INDEX[:RANK] with PHASE one of {PHASES}") from None
+        raise ConfigError(f"{ENV}={spec!r}: expected PHASE:TASK:INDEX[:RANK[:ACTION]] with PHASE one of {PHASES} "
+                          f"and ACTION one of {ACTIONS}") from None
 
 
 def fault_point(phase: str, task: int, index: int, rank: int) -> None:
-    """SIGKILL this process if ``CDAD_FAULT`` names this point."""
+    """SIGKILL this process (or raise InjectedFault) if ``CDAD_FAULT`` names this point."""
     spec = os.environ.get(ENV)
     if not spec:
         return
-    if _parse(spec) == (phase, task, index, rank):
+    point, action = _parse(spec)
+    if point == (phase, task, index, rank):
+        if action == "raise":
+            raise InjectedFault(f"{ENV}: injected fault ({phase}, task {task}, index {index}, rank {rank})")
         print(f"{ENV}: rank {rank} kills itself ({phase}, task {task}, index {index})", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
 

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from cdad_dist.bench.continual import ContinualBenchConfig, run, summarise, summary_line
+from cdad_dist.bench.continual import (ContinualBenchConfig, aggregate, auroc_standard_error, markdown_table, run,
+                                      summarise, summary_line)
 from cdad_dist.data.demo import make_demo_dataset
 from cdad_dist.errors import ConfigError
 from cdad_dist.eval.matrix import AccuracyMatrix
@@ -44,9 +45,27 @@ def test_a_baseline_that_does_not_forget_cannot_meet_the_ratio_target():
     assert out["targets"]["fm_ratio_met"] is False and math.isnan(out["targets"]["fm_ratio_image"])
 
 
-def test_unknown_strategy_is_refused():
+def test_unknown_strategy_and_zero_seeds_are_refused():
     with pytest.raises(ConfigError, match="unknown strategies"):
         ContinualBenchConfig(strategies=["naive", "ewc"])
+    with pytest.raises(ConfigError, match="seeds"):
+        ContinualBenchConfig(seeds=0)
+
+
+def test_seeds_are_aggregated_to_mean_and_std_and_the_table_states_the_noise():
+    one = summarise({"naive": _matrix({0: {"a": 1.0}, 1: {"a": 0.6, "b": 1.0}}),
+                     "cdad": _matrix({0: {"a": 1.0}, 1: {"a": 0.95, "b": 0.9}})})
+    two = summarise({"naive": _matrix({0: {"a": 0.9}, 1: {"a": 0.7, "b": 0.8}}),
+                     "cdad": _matrix({0: {"a": 0.9}, 1: {"a": 0.9, "b": 0.8}})})
+    agg = aggregate([one, two])
+    naive = agg["strategies"]["naive"]["image_auroc"]
+    assert naive["FM"] == pytest.approx(30.0) and naive["FM_std"] == pytest.approx(math.sqrt(200.0))
+    assert naive["steps"][1] == pytest.approx((80.0 + 75.0) / 2) and agg["n_seeds"] == 2
+    assert agg["targets"]["fm_ratio_image"] == pytest.approx(2.5 / 30.0)
+    table = markdown_table(agg, (15, 15))
+    assert "| naive | 77.5 ± 3.5 |" in table and "Mean ± std over 2 seeds" in table
+    se = 100 * auroc_standard_error(0.9, 15, 15)
+    assert 4.0 < se < 7.0 and f"standard error of {se:.1f} points at AUROC 0.9" in table
 
 
 @pytest.mark.slow
@@ -59,7 +78,7 @@ def test_end_to_end_on_a_micro_model_writes_json_table_and_figure(tmp_path):
                                extra_overrides=micro)
     result = run(True, tmp_path, cfg=cfg, log=lambda *a: None)
     assert set(result["strategies"]) == {"naive", "cdad", "cdad-grad", "cdad-paper", "joint", "knn"}
-    assert result["train_seconds"]["base_task"] is not None
+    assert result["train_seconds"][0]["base_task"] is not None
     saved = json.loads((tmp_path / "continual.json").read_text())
     assert saved["summary"] == result["summary"] and "FM(cdad)/FM(naive)" in saved["summary"]
     assert (tmp_path / "continual.md").read_text().count("|") > 20 and (tmp_path / "continual.png").stat().st_size
@@ -68,4 +87,4 @@ def test_end_to_end_on_a_micro_model_writes_json_table_and_figure(tmp_path):
             if name not in ("joint", "knn")}  # knn trains nothing: it runs on its own
     assert len(set(rows.values())) == 1
     again = run(True, tmp_path, cfg=cfg, log=lambda *a: None)  # finished runs are reused, not retrained
-    assert all(v is None for v in again["train_seconds"].values())
+    assert all(v is None for v in again["train_seconds"][0].values())

@@ -161,16 +161,64 @@ def test_image_unreadable_when_its_map_is_drawn_is_reported(tmp_path, latest, in
     import cdad_dist.eval.predict as predict_module
 
     victim = sorted((inputs / "carpet").rglob("*.png"))[0]
-    real, reads = predict_module.load_image, []
+    real, reads = predict_module.read_rgb, []
 
-    def flaky(path, size):
+    def flaky(path):  # the file disappears between scoring (first read) and drawing its map (second read)
         reads.append(Path(path))
         if Path(path) == victim and reads.count(victim) > 1:
             raise CdadError(f"{path}: gone")
-        return real(path, size)
+        return real(path)
 
-    monkeypatch.setattr(predict_module, "load_image", flaky)
+    monkeypatch.setattr(predict_module, "read_rgb", flaky)
     result = predict(latest, [inputs / "carpet"], tmp_path / "o")
     row = next(r for r in result["results"] if r["path"] == str(victim))
     assert row["score"] is not None and row["map"] is None and "heat map" in row["error"]
     assert sum(r["map"] is not None for r in result["results"]) == 3 and result["n_errors"] == 1
+
+
+def test_a_score_does_not_depend_on_the_other_images_of_the_call(tmp_path, latest, trained):
+    """The issue's case: one image scored alone and among others got different scores (noise was per batch)."""
+    _, demo = trained
+    folder = demo / "carpet" / "test"
+    files = sorted(p for p in folder.rglob("*.png"))
+    alone = predict(latest, [files[0]], tmp_path / "alone", log=lambda m: None)["results"][0]["score"]
+    together = predict(latest, [folder], tmp_path / "all", batch_size=3, log=lambda m: None)["results"]
+    mine = [r["score"] for r in together if Path(r["path"]).resolve() == files[0].resolve()]
+    assert mine == [pytest.approx(alone, rel=1e-5)]
+
+
+def test_maps_are_drawn_at_the_images_own_size_and_a_reused_out_keeps_no_stale_maps(tmp_path, latest):
+    wide = tmp_path / "in" / "wide.png"
+    wide.parent.mkdir()
+    cv2.imwrite(str(wide), np.random.default_rng(0).integers(0, 255, (40, 160, 3), dtype=np.uint8))
+    square = tmp_path / "in" / "square.png"
+    cv2.imwrite(str(square), np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    out = tmp_path / "out"
+    predict(latest, [wide, square], out, threshold=0.5, log=lambda m: None)
+    wide_png, square_png = cv2.imread(str(out / "maps" / "wide.png")), cv2.imread(str(out / "maps" / "square.png"))
+    assert wide_png.shape[1] == square_png.shape[1] and wide_png.shape[0] < 0.7 * square_png.shape[0]
+    (out / "maps" / "mine.txt").write_text("a user's file")
+    predict(latest, [square], out, log=lambda m: None)  # the same --out, fewer images
+    assert sorted(p.name for p in (out / "maps").iterdir()) == ["mine.txt", "square.png"]
+    assert [r["map"] for r in json.loads((out / "scores.json").read_text())["results"]] == ["maps/square.png"]
+
+
+def test_calibration_with_too_few_images_for_its_quantile_warns(latest, trained):
+    _, demo = trained
+    said = []
+    calibrate_threshold(latest, [demo / "carpet" / "train"], 0.99, log=said.append)
+    assert len(said) == 1 and "cannot resolve quantile 0.99" in said[0] and "at least 100" in said[0]
+    said.clear()
+    calibrate_threshold(latest, [demo / "carpet" / "train"], 0.5, log=said.append)
+    assert said == []
+
+
+def test_predict_help_describes_every_option(capsys):
+    from cdad_dist.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command" or getattr(a, "choices", None))
+    predict_parser = sub.choices["predict"]
+    undocumented = [a.dest for a in predict_parser._actions if a.dest != "help" and not a.help]
+    assert undocumented == []
+    assert {"--device", "--batch-size"} <= {o for a in predict_parser._actions for o in a.option_strings}

@@ -107,3 +107,11 @@ def test_compare_runs(tmp_path):
     assert load_results(tmp_path / "cdad")["name"] == "cdad"
     with pytest.raises(CdadError, match="results.json"):
         compare_runs([tmp_path / "missing"])
+
+
+def test_every_class_of_a_long_sequence_gets_its_own_line_style():
+    from cdad_dist.eval.report import class_style
+
+    styles = [class_style(i) for i in range(30)]
+    assert len({(s["color"], s["linestyle"]) for s in styles}) == 30
+    assert len({s["color"] for s in styles[:10]}) == 10  # one pass: ten clearly different colours

@@ -16,6 +16,9 @@ reused (or resumed) by the next run with the same settings.
 
 Reported per strategy: A-AUROC (final average over all classes, image and pixel), FM (Chaudhry forgetting), the
 per-step averages; and the two targets: FM(cdad) ≤ 0.25·FM(naive), and A-AUROC(cdad) within 3 points of joint.
+``seeds`` > 1 repeats the whole study with seeds ``seed, seed + 1, ...``: every number is then the mean over seeds
+with its standard deviation (error bars in the figure). The table also states the sampling error of one class's
+AUROC with the test set used (Hanley & McNeil 1982), so that a difference smaller than it is read as noise.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +65,7 @@ class ContinualBenchConfig:
     max_test_per_class: int | None = None  # None: every test image
     capture_images: int | float | None = None  # None: demo.yaml's continual.capture.images
     seed: int = 0
+    seeds: int = 1                         # repeats with seeds seed .. seed + seeds - 1 (mean ± std reported)
     share_base_task: bool = True
     extra_overrides: list[str] = field(default_factory=list)  # any `--set` override, e.g. a smaller model
 
@@ -73,6 +77,8 @@ class ContinualBenchConfig:
 
     def __post_init__(self) -> None:
         self.config = str(self.config)
+        if self.seeds < 1:
+            raise ConfigError(f"bench continual: --seeds must be >= 1, got {self.seeds}")
         unknown = [s for s in self.strategies if s not in STRATEGIES]
         if unknown:
             raise ConfigError(f"bench continual: unknown strategies {unknown}; choose from {list(STRATEGIES)}")
@@ -139,6 +145,10 @@ def summarise(matrices: dict[str, AccuracyMatrix]) -> dict[str, Any]:
                            "steps": {int(t): _points(v) for t, v in s["step_average"].items()},
                            "gap_to_joint": _points(s["gap_to_joint"]) if "gap_to_joint" in s else None}
         per[name] = row
+    return {"strategies": per, "targets": _targets(per)}
+
+
+def _targets(per: dict[str, Any]) -> dict[str, Any]:
     targets: dict[str, Any] = {}
     if "cdad" in per and "naive" in per:
         fm_c, fm_n = per["cdad"]["image_auroc"]["FM"], per["naive"]["image_auroc"]["FM"]
@@ -150,7 +160,61 @@ def summarise(matrices: dict[str, AccuracyMatrix]) -> dict[str, Any]:
         diff = per["cdad"]["image_auroc"]["A"] - per["joint"]["image_auroc"]["A"]
         targets["a_minus_joint_points_image"] = diff
         targets["joint_gap_met"] = bool(diff >= -JOINT_GAP_TARGET_POINTS)
-    return {"strategies": per, "targets": targets}
+    return targets
+
+
+def aggregate(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean over seeds of every number of :func:`summarise`, with ``<key>_std`` (sample std; NaN for 1 seed)."""
+    def mean_std(values: list[float]) -> tuple[float, float]:
+        finite = [v for v in values if v is not None and math.isfinite(v)]
+        if not finite:
+            return math.nan, math.nan
+        mean = sum(finite) / len(finite)
+        std = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)) if len(finite) > 1 else math.nan
+        return mean, std
+
+    per: dict[str, Any] = {}
+    for name in summaries[0]["strategies"]:
+        row: dict[str, Any] = {}
+        for metric in ("image_auroc", "pixel_auroc"):
+            runs = [s["strategies"][name][metric] for s in summaries]
+            out: dict[str, Any] = {}
+            for key in ("A", "FM", "diagonal", "gap_to_joint"):
+                if runs[0][key] is None:
+                    out[key] = out[f"{key}_std"] = None
+                    continue
+                out[key], out[f"{key}_std"] = mean_std([r[key] for r in runs])
+            steps = sorted(runs[0]["steps"])
+            pairs = {t: mean_std([r["steps"][t] for r in runs]) for t in steps}
+            out["steps"] = {t: m for t, (m, _) in pairs.items()}
+            out["steps_std"] = {t: s for t, (_, s) in pairs.items()}
+            row[metric] = out
+        per[name] = row
+    return {"strategies": per, "targets": _targets(per), "n_seeds": len(summaries)}
+
+
+def auroc_standard_error(auroc: float, n_pos: int, n_neg: int) -> float:
+    """Hanley & McNeil (1982) standard error of an AUROC measured on n_pos anomalous and n_neg normal images."""
+    a = min(max(auroc, 1e-9), 1 - 1e-9)
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    var = (a * (1 - a) + (n_pos - 1) * (q1 - a * a) + (n_neg - 1) * (q2 - a * a)) / (n_pos * n_neg)
+    return math.sqrt(max(var, 0.0))
+
+
+def _test_counts(config: str, overrides: list[str]) -> tuple[int, int] | None:
+    """(anomalous, normal) test images of the smallest class in the run's shards, after eval.max_test_per_class."""
+    from cdad_dist.data.shards import load_manifest
+
+    cfg = load_config(config, overrides)
+    try:
+        groups = load_manifest(cfg.data.shards)["groups"]
+    except Exception:  # noqa: BLE001 - only the note depends on it
+        return None
+    counts = [g["count"] for name, g in groups.items() if name.endswith("/test")]
+    if not counts:
+        return None
+    n = min(counts) if cfg.eval.max_test_per_class is None else min(min(counts), cfg.eval.max_test_per_class)
+    return max(1, n // 2), max(1, n - n // 2)  # about half anomalous, as in the MVTec/VisA test sets
 
 
 def summary_line(summary: dict[str, Any]) -> str:
@@ -167,53 +231,101 @@ def summary_line(summary: dict[str, Any]) -> str:
     return "continual: " + "; ".join(parts) + (" | " + "; ".join(checks) if checks else "")
 
 
-def markdown_table(summary: dict[str, Any]) -> str:
+def markdown_table(summary: dict[str, Any], test_counts: tuple[int, int] | None = None) -> str:
+    n_seeds = summary.get("n_seeds", 1)
     lines = ["| Strategy | A-AUROC img | A-AUROC pix | FM img | FM pix | diag img | gap to joint img |",
              "|---|---|---|---|---|---|---|"]
     for name, r in summary["strategies"].items():
         img, pix = r["image_auroc"], r["pixel_auroc"]
-        gap = "–" if img["gap_to_joint"] is None else f"{img['gap_to_joint']:.1f}"
-        lines.append(f"| {name} | {img['A']:.1f} | {pix['A']:.1f} | {_fmt(img['FM'])} | {_fmt(pix['FM'])} "
-                     f"| {img['diagonal']:.1f} | {gap} |")
+        lines.append(f"| {name} | {_pm(img, 'A', 1)} | {_pm(pix, 'A', 1)} | {_pm(img, 'FM', 2)} | {_pm(pix, 'FM', 2)} "
+                     f"| {_pm(img, 'diagonal', 1)} | {_pm(img, 'gap_to_joint', 1)} |")
+    lines.append("")
+    lines.append(f"Points (%). {'Mean ± std over ' + str(n_seeds) + ' seeds.' if n_seeds > 1 else 'One seed.'}")
+    if test_counts is not None:
+        pos, neg = test_counts
+        se = [100 * auroc_standard_error(a, pos, neg) for a in (0.9, 0.7)]
+        lines.append(f"With {pos + neg} test images per class (~{pos} anomalous), one class's image AUROC has a "
+                     f"standard error of {se[0]:.1f} points at AUROC 0.9 and {se[1]:.1f} at 0.7 (Hanley & McNeil); "
+                     f"differences smaller than that are within noise{'' if n_seeds > 1 else ' (use --seeds N)'}.")
     return "\n".join(lines) + "\n"
+
+
+def _pm(row: dict[str, Any], key: str, digits: int) -> str:
+    value, std = row.get(key), row.get(f"{key}_std")
+    if value is None or not math.isfinite(value):
+        return "–"
+    return f"{value:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None and math.isfinite(std) else "")
 
 
 def _fmt(value: float) -> str:
     return "–" if math.isnan(value) else f"{value:.2f}"
 
 
-def plot(summary: dict[str, Any], path: Path) -> Path:
-    """Mean image / pixel AUROC over the classes seen so far, after each task, one line per strategy."""
-    fig = Figure(figsize=(10, 4), dpi=110)
+def plot(summary: dict[str, Any], path: Path, title: str | None = None) -> Path:
+    """Mean image / pixel AUROC over the classes seen so far, after each task, one line per strategy (error bars:
+    std over seeds, when there are several)."""
+    fig = Figure(figsize=(10, 4.4), dpi=110)
     FigureCanvasAgg(fig)
     for i, metric in enumerate(("image_auroc", "pixel_auroc")):
         ax = fig.add_subplot(1, 2, i + 1)
         for name, r in summary["strategies"].items():
             steps = r[metric]["steps"]
             xs = sorted(steps)
+            std = r[metric].get("steps_std", {})
             if name == "joint":  # one evaluation after all tasks: drawn as a horizontal reference
                 ax.axhline(steps[xs[-1]], linestyle="--", color="gray", label="joint")
                 continue
-            ax.plot(xs, [steps[x] for x in xs], marker="o", label=name)
+            yerr = [std.get(x, math.nan) for x in xs]
+            ax.errorbar(xs, [steps[x] for x in xs], yerr=None if all(math.isnan(e) for e in yerr) else yerr,
+                        marker="o", capsize=3, label=name, **_strategy_style(name))
         ax.set_xlabel("after task")
         ax.set_ylabel(f"mean {metric.replace('_', ' ')} of seen classes (%)")
         ax.set_xticks(sorted({x for r in summary["strategies"].values() for x in r[metric]["steps"]}))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    n_seeds = summary.get("n_seeds", 1)
+    fig.suptitle((title + " · " if title else "") + (f"mean ± std over {n_seeds} seeds" if n_seeds > 1 else "one seed"),
+                 fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
 
 
+def _strategy_style(name: str) -> dict[str, Any]:
+    from cdad_dist.eval.report import class_style
+
+    return {k: v for k, v in class_style(list(STRATEGIES).index(name) if name in STRATEGIES else 9).items()
+            if k == "color"}
+
+
 def run(quick: bool, out_dir, *, cfg: ContinualBenchConfig | None = None, config: str | None = None,
-        strategies: list[str] | None = None, log=print) -> dict[str, Any]:
+        strategies: list[str] | None = None, seeds: int | None = None, log=print) -> dict[str, Any]:
     config = str(config or DEFAULT_CONFIG)
     cfg = cfg or (ContinualBenchConfig.quick(config) if quick else ContinualBenchConfig(config=config))
     if strategies:
         cfg = ContinualBenchConfig(**{**asdict(cfg), "strategies": list(strategies)})
+    if seeds is not None:
+        cfg = ContinualBenchConfig(**{**asdict(cfg), "seeds": seeds})
     work = Path(out_dir)
     work.mkdir(parents=True, exist_ok=True)
+    per_seed = [_run_seed(replace(cfg, seed=cfg.seed + i), work, log) for i in range(cfg.seeds)]
+    summary = aggregate([p["summary"] for p in per_seed]) if cfg.seeds > 1 else per_seed[0]["summary"]
+    if cfg.seeds > 1:
+        summary["per_seed"] = [p["summary"] for p in per_seed]
+    common = _common_overrides(cfg, work)
+    result = {"config": asdict(cfg), "quick": quick, "runs": [p["runs"] for p in per_seed],
+              "train_seconds": [p["seconds"] for p in per_seed], **summary, "summary": summary_line(summary)}
+    write_json_atomic(work / "continual.json", result)
+    (work / "continual.md").write_text(markdown_table(summary, _test_counts(cfg.config, common)))
+    title = f"bench continual: {Path(cfg.config).name}, {load_config(cfg.config, common).sequence}"
+    result["figure"] = str(plot(summary, work / "continual.png", title))
+    log(result["summary"])
+    return result
+
+
+def _run_seed(cfg: ContinualBenchConfig, work: Path, log) -> dict[str, Any]:
+    """Every strategy of the study with ``cfg.seed``: the run directories, training seconds and summary."""
     common = _common_overrides(cfg, work)
     n_tasks = len(resolve_sequence(load_config(cfg.config, common).sequence).tasks)
     seconds: dict[str, float | None] = {}
@@ -233,11 +345,4 @@ def run(quick: bool, out_dir, *, cfg: ContinualBenchConfig | None = None, config
                                                tasks_in_run, log)
     matrices = {name: AccuracyMatrix.from_dict(json.loads((d / "report" / "results.json").read_text())["matrix"])
                 for name, d in run_dirs.items()}
-    summary = summarise(matrices)
-    result = {"config": asdict(cfg), "quick": quick, "runs": {k: str(v) for k, v in run_dirs.items()},
-              "train_seconds": seconds, **summary, "summary": summary_line(summary)}
-    write_json_atomic(work / "continual.json", result)
-    (work / "continual.md").write_text(markdown_table(summary))
-    result["figure"] = str(plot(summary, work / "continual.png"))
-    log(result["summary"])
-    return result
+    return {"runs": {k: str(v) for k, v in run_dirs.items()}, "seconds": seconds, "summary": summarise(matrices)}

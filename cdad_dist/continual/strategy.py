@@ -135,7 +135,10 @@ class ContinualStrategy:
 
     def score_batch(self, model: nn.Module, extractor: nn.Module, x: torch.Tensor, eval_cfg, generator,
                     autocast=None):
-        """A ScoredBatch when the strategy detects by other means than the model's reconstruction, else None."""
+        """A ScoredBatch when the strategy detects by other means than the model's reconstruction, else None.
+
+        ``generator``: one torch.Generator per image of ``x`` (``eval.reconstruct.image_generators``): randomness
+        drawn from image i's own generator keeps its score independent of the batch."""
         return None
 
     def optimizer_param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:

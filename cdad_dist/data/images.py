@@ -10,6 +10,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from scipy import ndimage
 
 from cdad_dist.errors import DatasetError
 
@@ -116,44 +117,58 @@ def read_mask(path: str | Path) -> np.ndarray:
     return (arr != 0).astype(np.uint8)
 
 
+def _area_weights(n_in: int, n_out: int) -> np.ndarray:
+    """n_out × n_in: the fraction of output cell o covered by input cell i (rows sum to 1); INTER_AREA's footprint."""
+    edges = np.arange(n_out + 1) * (n_in / n_out)  # output cell boundaries in input pixels
+    lo, hi = edges[:-1, None], edges[1:, None]
+    i = np.arange(n_in)[None, :]
+    overlap = np.clip(np.minimum(hi, i + 1) - np.maximum(lo, i), 0.0, None)
+    return (overlap / (n_in / n_out)).astype(np.float32)
+
+
 def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize a ground-truth mask (H×W, non-zero = anomalous) to ``size`` = (height, width); uint8 {0, 1}.
 
     Why not ``cv2.INTER_NEAREST``: it samples the top-left input pixel of each output cell, so at 1024 → 256 the
     mask shifts by 1.5 input pixels against the INTER_AREA image, and any defect narrower than the sampling
     step can vanish (PRO then silently loses regions). Here the mask stays pixel-centre aligned with the image:
-    - upsampling: ``INTER_NEAREST_EXACT`` (pixel-centre nearest neighbour, what PIL and torch's nearest-exact do);
-    - downsampling: an output pixel is anomalous when at least half of its area is (``INTER_AREA`` coverage, the
-      same footprint as the image's resize), and every connected defect (8-connectivity) that would vanish keeps
-      the output pixels where its own coverage is at least half its maximum: a speck becomes one pixel, a thin
-      scratch a one-pixel line, so no ground-truth region is lost.
+    - upsampling: pixel-centre nearest neighbour (``nearest-exact``, as PIL and torch's nearest-exact);
+    - downsampling: an output pixel is anomalous when at least half of its area is (the INTER_AREA footprint of
+      the image's resize), and every connected defect (8-connectivity) that would vanish keeps the output pixels
+      where its own coverage is at least half its maximum: a speck becomes one pixel, a thin scratch a one-pixel
+      line, so no ground-truth region is lost.
+    Written with numpy and scipy rather than OpenCV: masks are resized inside forked DataLoader workers, where
+    OpenCV's thread pool (started in the parent) can deadlock.
     """
     height, width = size
     binary = (np.asarray(mask) > 0).astype(np.uint8)
-    if binary.shape == (height, width):
+    h_in, w_in = binary.shape
+    if (h_in, w_in) == (height, width):
         return binary
-    if height >= binary.shape[0] and width >= binary.shape[1]:
-        return cv2.resize(binary, (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
-    coverage = cv2.resize(binary.astype(np.float32), (width, height), interpolation=cv2.INTER_AREA)
+    if height >= h_in and width >= w_in:
+        rows = np.minimum(((np.arange(height) + 0.5) * h_in / height).astype(np.int64), h_in - 1)
+        cols = np.minimum(((np.arange(width) + 0.5) * w_in / width).astype(np.int64), w_in - 1)
+        return binary[rows[:, None], cols[None, :]]
+    coverage = _area_weights(h_in, height) @ binary.astype(np.float32) @ _area_weights(w_in, width).T
     out = (coverage >= 0.5 - 1e-6).astype(np.uint8)
-    n, labels = cv2.connectedComponents(binary, connectivity=8)
-    if n <= 1:
+    labels, n = ndimage.label(binary, structure=np.ones((3, 3), dtype=int))
+    if n == 0:
         return out
     # which components are still visible: any of their pixels under a kept output pixel (centre mapping)
-    rows = ((np.arange(binary.shape[0]) + 0.5) * height / binary.shape[0]).astype(np.int64)
-    cols = ((np.arange(binary.shape[1]) + 0.5) * width / binary.shape[1]).astype(np.int64)
+    rows = np.minimum(((np.arange(h_in) + 0.5) * height / h_in).astype(np.int64), height - 1)
+    cols = np.minimum(((np.arange(w_in) + 0.5) * width / w_in).astype(np.int64), width - 1)
     target = rows[:, None] * width + cols[None, :]  # the output pixel each input pixel falls in
     on = labels > 0
     comp, cell = labels[on], target[on]
-    visible = np.zeros(n, dtype=bool)
+    visible = np.zeros(n + 1, dtype=bool)
     visible[np.unique(comp[out.reshape(-1)[cell] > 0])] = True
     lost = ~visible[comp]
     if not lost.any():
         return out
     # per (lost component, output pixel): how many of the component's pixels fall there
-    pairs, counts = np.unique(comp[lost] * (height * width) + cell[lost], return_counts=True)
+    pairs, counts = np.unique(comp[lost].astype(np.int64) * (height * width) + cell[lost], return_counts=True)
     owner, where = pairs // (height * width), pairs % (height * width)
-    best = np.zeros(n, dtype=np.int64)
+    best = np.zeros(n + 1, dtype=np.int64)
     np.maximum.at(best, owner, counts)
     keep = where[2 * counts >= best[owner]]
     out.reshape(-1)[keep] = 1

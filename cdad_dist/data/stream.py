@@ -370,7 +370,10 @@ class TrainStream:
         ds = self.dataset
         if ds.cfg.num_workers == 0:
             return iter(ds)
-        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=ds.cfg.num_workers)
+        # Spawned, not forked: a forked worker inherits OpenCV's (and OpenMP's) thread pools mid-state and can hang
+        # on its first cv2 call once the parent has used cv2 (seen: cv2.setNumThreads blocking forever).
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=ds.cfg.num_workers,
+                                             multiprocessing_context="spawn", persistent_workers=False)
         return iter(loader)
 
 

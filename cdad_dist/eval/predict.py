@@ -189,11 +189,14 @@ def _score_images(run: LoadedRun, images: Sequence[InputImage], errors: dict[int
 # threshold
 # ----------------------------------------------------------------------------------------------------------------
 def calibrate_threshold(run: LoadedRun | str | Path, normal_images: Iterable[str | Path], quantile: float = 0.99,
-                        *, task: str | int = "latest", batch_size: int | None = None) -> float:
+                        *, task: str | int = "latest", batch_size: int | None = None,
+                        log: Callable[[str], None] | None = None) -> float:
     """The ``quantile`` of the image scores of normal images (files or folders): scores above it are anomalous.
 
     ``run`` is a loaded run or a run directory (then ``task`` picks the checkpoint). Unreadable images are
-    reported and skipped; with no readable image at all it is an error.
+    reported and skipped; with no readable image at all it is an error. Fewer than ``1 / (1 - quantile)``
+    images cannot resolve that quantile (the threshold is then interpolated between the top few scores): a
+    warning says how many would.
     """
     if not 0.0 < quantile <= 1.0:
         raise CdadError(f"calibration quantile must be in (0, 1], got {quantile}")
@@ -203,6 +206,12 @@ def calibrate_threshold(run: LoadedRun | str | Path, normal_images: Iterable[str
     if not scores:
         raise CdadError(f"threshold calibration: none of the {len(images)} normal image(s) could be read "
                         f"(inputs: {[str(p) for p in normal_images]})")
+    needed = math.ceil(1.0 / (1.0 - quantile) - 1e-9) if quantile < 1.0 else None
+    if needed is not None and len(scores) < needed:
+        message = (f"warning: calibration with {len(scores)} normal image(s) cannot resolve quantile {quantile} "
+                   f"(a {100 * (1 - quantile):.3g} % false-alarm rate needs at least {needed}); the threshold lies "
+                   f"among the highest normal scores")
+        (log or (lambda m: print(m, file=sys.stderr)))(message)
     return float(np.quantile(np.asarray(scores, dtype=np.float64), quantile))
 
 
@@ -210,24 +219,46 @@ def calibrate_threshold(run: LoadedRun | str | Path, normal_images: Iterable[str
 # outputs
 # ----------------------------------------------------------------------------------------------------------------
 def save_overlay(path: Path, image: np.ndarray, amap: np.ndarray, title: str, scale: tuple[float, float],
-                 threshold: float | None = None) -> Path:
-    """Input | input with the map in `jet` over it (colour bar in score units, threshold as a white contour)."""
-    # A fixed layout: matplotlib's constrained layout would cost more than the rest of predict per image.
-    fig = Figure(figsize=(6.4, 3.3), dpi=100)
-    fig.subplots_adjust(left=0.02, right=0.9, bottom=0.04, top=0.8, wspace=0.05)
+                 threshold: float | None = None, map_size: int | None = None) -> Path:
+    """Input | input with the map in `jet` over it, both at the image's own resolution and aspect ratio (the map
+    is upsampled from the model's ``map_size``, which the panel title says); the colour bar is in score units
+    with the threshold marked on it, and the threshold is a white contour where the map crosses it."""
+    height, width = image.shape[:2]
+    if amap.shape != (height, width):
+        amap = cv2.resize(amap.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+    # A fixed layout (constrained layout would cost more than the rest of predict per image): two panels of the
+    # image's aspect ratio, room on the right for the colour bar and its label.
+    panel_w = 2.6
+    panel_h = min(max(panel_w * height / width, 1.0), 6.0)
+    fig = Figure(figsize=(2 * panel_w + 1.6, panel_h + 0.9), dpi=100)
+    fig.subplots_adjust(left=0.02, right=0.78, bottom=0.04, top=1 - 0.8 / (panel_h + 0.9), wspace=0.05)
     ax_in, ax_map = fig.subplots(1, 2)
     ax_in.imshow(image)
-    ax_in.set_title("input", fontsize=8)
+    ax_in.set_title(f"input ({width}×{height})", fontsize=8)
     ax_map.imshow(image)
     lo, hi = scale
     im = ax_map.imshow(amap, cmap="jet", alpha=0.5, vmin=lo, vmax=hi if hi > lo else lo + 1e-12)
-    if threshold is not None and float(amap.min()) < threshold < float(amap.max()):
-        ax_map.contour(amap, levels=[threshold], colors="white", linewidths=1.0)
-    ax_map.set_title("anomaly map" + ("" if threshold is None else " (white line: threshold)"), fontsize=8)
+    note = f"anomaly map ({map_size}×{map_size}, upsampled)" if map_size and (map_size, map_size) != (height, width) \
+        else "anomaly map"
+    if threshold is not None:
+        if float(amap.min()) < threshold < float(amap.max()):
+            ax_map.contour(amap, levels=[threshold], colors="white", linewidths=1.0)
+            note += f"\nwhite line: threshold {threshold:.4g}"
+        else:
+            side = "below" if float(amap.max()) <= threshold else "above"
+            note += f"\nthe whole map is {side} the threshold {threshold:.4g}"
+    ax_map.set_title(note, fontsize=8)
     for ax in (ax_in, ax_map):
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.colorbar(im, cax=fig.add_axes((0.92, 0.1, 0.02, 0.64)), label="anomaly score")
+    bar = fig.colorbar(im, cax=fig.add_axes((0.81, 0.1, 0.025, 0.7)))
+    bar.set_label("anomaly score", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    if threshold is not None and lo <= threshold <= hi:
+        bar.ax.axhline(threshold, color="white", linewidth=2.0)
+        bar.ax.axhline(threshold, color="black", linewidth=0.8)
+        bar.ax.text(1.6, threshold, f"threshold\n{threshold:.4g}", transform=bar.ax.get_yaxis_transform(),
+                    fontsize=7, va="center", ha="left")
     fig.suptitle(title, fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig).print_png(str(path))
@@ -266,7 +297,7 @@ def _draw_maps(run: LoadedRun, images: Sequence[InputImage], scores: dict[int, f
     for i, score in sorted(scores.items()):
         item = images[i]
         try:
-            image = load_image(item.path, run.image_size).permute(1, 2, 0).numpy()
+            image = read_rgb(item.path)  # drawn at its own resolution and aspect ratio, not the model's square
         except (CdadError, cv2.error) as err:  # changed on disk since it was scored
             errors[i] = f"scored, but unreadable when drawing its heat map: {err}"
             print(f"no heat map: {err}", file=sys.stderr)
@@ -274,7 +305,7 @@ def _draw_maps(run: LoadedRun, images: Sequence[InputImage], scores: dict[int, f
         decision = _decision(score, threshold)
         verdict = "" if decision is None else (" anomalous" if decision else " normal")
         title = f"{item.path.parent.name}/{item.path.name}: score {score:.4g}{verdict}"
-        save_overlay(out_dir / "maps" / item.name, image, maps[i], title, scale, threshold)
+        save_overlay(out_dir / "maps" / item.name, image, maps[i], title, scale, threshold, run.image_size)
         files[i] = f"maps/{item.name}"
     return files
 
@@ -299,7 +330,7 @@ def predict(run_dir: str | Path | LoadedRun, inputs: Sequence[str | Path], out_d
     run = run_dir if isinstance(run_dir, LoadedRun) else load_run(run_dir, task, device)
     source = "given" if threshold is not None else None
     if threshold is None and calibration_images:
-        threshold = calibrate_threshold(run, calibration_images, quantile, batch_size=batch_size)
+        threshold = calibrate_threshold(run, calibration_images, quantile, batch_size=batch_size, log=log)
         source = f"calibrated: quantile {quantile} of normal image scores"
         log(f"calibrated threshold {threshold:.6g} ({source})")
     errors: dict[int, str] = {}
@@ -313,6 +344,7 @@ def predict(run_dir: str | Path | LoadedRun, inputs: Sequence[str | Path], out_d
     out_dir.mkdir(parents=True, exist_ok=True)
     scale = _color_scale(maps.values(), threshold)
     map_files = _draw_maps(run, images, scores, maps, threshold, scale, out_dir, errors)
+    _remove_stale_maps(out_dir, set(map_files.values()))
     rows = [{"path": str(item.path), "score": scores.get(i), "anomalous": _decision(scores.get(i), threshold),
              "map": map_files.get(i), "error": errors.get(i)} for i, item in enumerate(images)]
     result = {
@@ -330,6 +362,19 @@ def predict(run_dir: str | Path | LoadedRun, inputs: Sequence[str | Path], out_d
     if not scores:
         raise CdadError(f"none of the {len(images)} input image(s) could be read; see {out_dir / 'scores.json'}")
     return result
+
+
+def _remove_stale_maps(out_dir: Path, current: set[str]) -> None:
+    """Delete the heat maps that an earlier call listed in ``out_dir/scores.json`` and this call did not write, so
+    a reused ``--out`` holds only maps of the scores it lists (files that no call of ours wrote are left alone)."""
+    try:
+        previous = json.loads((out_dir / "scores.json").read_text())["results"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    for row in previous:
+        rel = row.get("map") if isinstance(row, dict) else None
+        if isinstance(rel, str) and rel.startswith("maps/") and rel not in current and ".." not in Path(rel).parts:
+            (out_dir / rel).unlink(missing_ok=True)
 
 
 def _json_safe(obj: Any) -> Any:

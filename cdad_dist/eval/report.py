@@ -73,8 +73,13 @@ def write_report(
     paths["markdown"].write_text(render_markdown(results, matrix))
     _write_csv(paths["csv"], matrix, metrics)
     for m in metrics:
-        paths[f"fig:{m}"] = plot_metric_over_tasks(out_dir / f"fig_{m}.png", matrix, m, tasks)
+        paths[f"fig:{m}"] = plot_metric_over_tasks(out_dir / f"fig_{m}.png", matrix, m, tasks, _run_label(results))
     return paths
+
+
+def _run_label(results: dict[str, Any]) -> str:
+    parts = [results["name"], results.get("setting"), results.get("strategy")]
+    return " · ".join(str(p) for p in parts if p)
 
 
 def _ordered_metrics(matrix: AccuracyMatrix) -> list[str]:
@@ -245,34 +250,39 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def plot_metric_over_tasks(path: str | Path, matrix: AccuracyMatrix, metric: str, tasks: list[list[str]]) -> Path:
-    """One line per class (its value after each step since it was learned) plus the mean over seen classes."""
+def plot_metric_over_tasks(path: str | Path, matrix: AccuracyMatrix, metric: str, tasks: list[list[str]],
+                           run_label: str | None = None) -> Path:
+    """One line per class (its value after each step since it was learned) plus the mean over seen classes;
+    ``run_label`` (run name · setting · strategy) heads the plot, so a figure seen alone says what it shows."""
     steps = matrix.tasks(metric)
     labels = _step_labels(tasks)
     classes = matrix.classes(metric)
     fig = Figure(figsize=(7.5, 4.5), dpi=120, layout="constrained")
     ax = fig.add_subplot()
-    cmap = _colormap(len(classes))
     for i, cls in enumerate(classes):
         xs = [t for t in steps if cls in matrix.row(metric, t)]
         ys = [100.0 * matrix.get(metric, t, cls) for t in xs]
-        ax.plot(xs, ys, marker="o", ms=3, lw=1, color=cmap[i], label=cls.split("/", 1)[-1])
+        ax.plot(xs, ys, ms=4, lw=1.2, label=cls.split("/", 1)[-1], **class_style(i))
     mean = [100.0 * matrix.step_average(metric, t) for t in steps]
     ax.plot(steps, mean, color="black", lw=2.5, marker="s", label="mean")
     ax.set_xticks(steps, [labels[t] if t < len(labels) else str(t + 1) for t in steps])
     ax.set_xlabel("after learning classes (task step)")
     ax.set_ylabel(f"{_TITLES.get(metric, metric)} (%)")
-    ax.set_title(f"{_TITLES.get(metric, metric)} per class over the task sequence")
+    title = f"{_TITLES.get(metric, metric)} per class over the task sequence"
+    ax.set_title(f"{run_label}\n{title}" if run_label else title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2 if len(classes) > 12 else 1, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _save(fig, path)
 
 
-def _colormap(n: int) -> list:
+def class_style(i: int) -> dict[str, Any]:
+    """Line style of class i: the 10 well-separated tab10 colours, then the same colours dashed, then dotted, each
+    pass with its own marker (tab20's paired light/dark shades are hard to tell apart in a 15-class plot)."""
     from matplotlib import colormaps
 
-    cmap = colormaps["tab20"]
-    return [cmap(i % 20) for i in range(n)]
+    lap = i // 10
+    return {"color": colormaps["tab10"](i % 10), "linestyle": ("-", "--", ":")[lap % 3],
+            "marker": ("o", "^", "s", "D")[lap % 4]}
 
 
 def _to_numpy_images(x: torch.Tensor | np.ndarray, channels: int) -> np.ndarray:
