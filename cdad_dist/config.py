@@ -193,11 +193,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for item in overrides or []:  # then each --set, so that an error names the --set that caused it
         data = apply_overrides(data, [item])
         cfg = config_from_dict(data, source=f"--set {item}")
-    validate(cfg, str(path) if not overrides else f"{path} with --set {' '.join(overrides)}")
+    validate(cfg, str(path), overrides or [])
     return cfg
 
 
-def validate(cfg: RunConfig, source: str) -> None:
+def validate(cfg: RunConfig, source: str, overrides: list[str] | None = None) -> None:
+    """Value checks across keys; the error names the --set that gave the offending key, else the file."""
     checks = [
         (cfg.data.batch_size > 0, "data.batch_size must be > 0"),
         (cfg.train.grad_accum > 0, "train.grad_accum must be > 0"),
@@ -220,7 +221,9 @@ def validate(cfg: RunConfig, source: str) -> None:
     ]
     for ok, message in checks:
         if not ok:
-            raise ConfigError(f"{source}: {message}")
+            key = message.split(" ", 1)[0]
+            given = [o for o in overrides or [] if o.split("=", 1)[0].strip() == key]
+            raise ConfigError(f"{'--set ' + given[-1] if given else source}: {message}")
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:

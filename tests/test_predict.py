@@ -198,8 +198,10 @@ def test_maps_are_drawn_at_the_images_own_size_and_a_reused_out_keeps_no_stale_m
     wide_png, square_png = cv2.imread(str(out / "maps" / "wide.png")), cv2.imread(str(out / "maps" / "square.png"))
     assert wide_png.shape[1] == square_png.shape[1] and wide_png.shape[0] < 0.7 * square_png.shape[0]
     (out / "maps" / "mine.txt").write_text("a user's file")
+    predict(latest, [tmp_path / "in"], out, log=lambda m: None)  # maps now under maps/in/
+    assert (out / "maps" / "in" / "wide.png").is_file() and not (out / "maps" / "wide.png").exists()
     predict(latest, [square], out, log=lambda m: None)  # the same --out, fewer images
-    assert sorted(p.name for p in (out / "maps").iterdir()) == ["mine.txt", "square.png"]
+    assert sorted(p.name for p in (out / "maps").iterdir()) == ["mine.txt", "square.png"]  # no empty maps/in/
     assert [r["map"] for r in json.loads((out / "scores.json").read_text())["results"]] == ["maps/square.png"]
 
 

@@ -252,13 +252,12 @@ def save_overlay(path: Path, image: np.ndarray, amap: np.ndarray, title: str, sc
         ax.set_xticks([])
         ax.set_yticks([])
     bar = fig.colorbar(im, cax=fig.add_axes((0.81, 0.1, 0.025, 0.7)))
-    bar.set_label("anomaly score", fontsize=8)
+    marked = threshold is not None and lo <= threshold <= hi
+    bar.set_label("anomaly score" + (f" (line: threshold {threshold:.4g})" if marked else ""), fontsize=8)
     bar.ax.tick_params(labelsize=7)
-    if threshold is not None and lo <= threshold <= hi:
-        bar.ax.axhline(threshold, color="white", linewidth=2.0)
-        bar.ax.axhline(threshold, color="black", linewidth=0.8)
-        bar.ax.text(1.6, threshold, f"threshold\n{threshold:.4g}", transform=bar.ax.get_yaxis_transform(),
-                    fontsize=7, va="center", ha="left")
+    if marked:
+        bar.ax.axhline(threshold, color="white", linewidth=2.5)
+        bar.ax.axhline(threshold, color="black", linewidth=1.0)
     fig.suptitle(title, fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig).print_png(str(path))
@@ -304,7 +303,8 @@ def _draw_maps(run: LoadedRun, images: Sequence[InputImage], scores: dict[int, f
             continue
         decision = _decision(score, threshold)
         verdict = "" if decision is None else (" anomalous" if decision else " normal")
-        title = f"{item.path.parent.name}/{item.path.name}: score {score:.4g}{verdict}"
+        where = f"{item.path.parent.name}/{item.path.name}" if item.path.parent.name else item.path.name
+        title = f"{where}: score {score:.4g}{verdict}"
         save_overlay(out_dir / "maps" / item.name, image, maps[i], title, scale, threshold, run.image_size)
         files[i] = f"maps/{item.name}"
     return files
@@ -375,6 +375,10 @@ def _remove_stale_maps(out_dir: Path, current: set[str]) -> None:
         rel = row.get("map") if isinstance(row, dict) else None
         if isinstance(rel, str) and rel.startswith("maps/") and rel not in current and ".." not in Path(rel).parts:
             (out_dir / rel).unlink(missing_ok=True)
+            for parent in (out_dir / rel).parents:  # and the folders that held only such maps
+                if parent == out_dir / "maps" or not parent.is_dir() or any(parent.iterdir()):
+                    break
+                parent.rmdir()
 
 
 def _json_safe(obj: Any) -> Any:
