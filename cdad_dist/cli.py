@@ -36,9 +36,35 @@ def _run_training(args) -> int:
     return 0
 
 
+TRAIN_DESCRIPTION = """Train a continual anomaly detector: every task of the configured sequence in turn (train, protect
+the task's layer inputs, evaluate every class seen so far, checkpoint, report). Launch it with `accelerate launch
+train.py ...` for several GPUs or processes. With no arguments it runs the embedded demo (configs/demo.yaml):
+generated demo data -> shards -> a 3-task sequence -> runs/demo/report/."""
+
+
+def _train_epilog() -> str:
+    import dataclasses
+    import textwrap
+
+    from cdad_dist.config import RunConfig
+
+    lines = ["config sections and keys (set any with --set SECTION.KEY=VALUE; YAML values, e.g. [1, 2] or null):"]
+    for f in dataclasses.fields(RunConfig):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            keys = ", ".join(g.name for g in dataclasses.fields(default))
+            lines.append(textwrap.fill(f"{f.name}: {keys}", 110, initial_indent="  ", subsequent_indent="    "))
+        else:
+            lines.append(f"  {f.name} (top level, default {default!r})")
+    lines.append("--resume may change only paths, logging/checkpoint frequency and memory-only switches "
+                 "(RESUMABLE_KEYS in cdad_dist/engine/run_dir.py); see docs/reliability.md.")
+    return "\n".join(lines)
+
+
 def train_main(argv: list[str] | None = None) -> int:
     """`train.py`: the accelerate-launch entry."""
-    parser = argparse.ArgumentParser(prog="train.py", description=__doc__)
+    parser = argparse.ArgumentParser(prog="train.py", description=TRAIN_DESCRIPTION, epilog=_train_epilog(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_train_args(parser)
     args = parser.parse_args(argv)
     return _guard(_run_training, args)

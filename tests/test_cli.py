@@ -37,3 +37,20 @@ def test_user_errors_exit_2_with_a_message(tmp_path, capsys):
     assert main(["shards", "build", "--dataset", "mvtec", "--root", str(tmp_path / "missing"),
                  "--out", str(tmp_path / "s")]) == 2
     assert str(tmp_path / "missing") in capsys.readouterr().err
+
+
+def test_train_help_describes_train_py_and_lists_every_config_section(capsys):
+    import dataclasses
+
+    import pytest as _pytest
+
+    from cdad_dist.cli import train_main
+    from cdad_dist.config import RunConfig
+
+    with _pytest.raises(SystemExit):
+        train_main(["--help"])
+    text = capsys.readouterr().out
+    assert text.startswith("usage: train.py") and "accelerate launch" in text and "embedded demo" in text
+    for f in dataclasses.fields(RunConfig):
+        assert f"  {f.name}" in text, f.name
+    assert "pixel_key_bits" not in text and "metrics" in text  # sections list their keys, one level deep
