@@ -13,7 +13,10 @@
    ``cdad bench inference``. Noise comes from one CPU generator per image seeded by (reconstruction seed, the
    image's pixels): an image gets the same score in any batch, on any device, and the same as in the evaluator.
 4. Outputs in ``out_dir``: ``scores.csv`` and ``scores.json`` (path, score, decision, map file, error) and one PNG
-   per image under ``maps/`` (input | heat-map overlay with a colour bar; the threshold drawn as a contour).
+   per image under ``maps/`` (input | heat-map overlay, both at the image's own resolution and aspect ratio, the
+   map upsampled from the model's size; the threshold as a contour, in the title and on the colour bar). Maps that
+   an earlier call listed in ``scores.json`` and this one does not are removed, so a reused ``out_dir`` holds no
+   stale maps.
 
 Decision: ``anomalous = score > threshold``. The threshold is ``threshold`` when given; otherwise, when
 ``calibration_images`` (normal images, e.g. a validation folder of good parts) are given, it is
