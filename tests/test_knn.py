@@ -61,3 +61,22 @@ def test_knn_runs_through_the_engine_without_training_and_never_forgets(tmp_path
     saved = load_file(str(ends[-1].path / "model.safetensors"))
     fresh = build_model(cfg.model).state_dict()
     assert all(torch.equal(saved[k], fresh[k]) for k in saved if k.startswith("unet."))
+
+
+def test_predict_scores_a_knn_run_with_its_memory_banks(tmp_path, demo_root):
+    """`cdad predict` on a knn run scores as its evaluation did (the banks), not by the untrained reconstruction."""
+    from cdad_dist.eval.predict import load_image, load_run, predict
+    from cdad_dist.eval.scoring import score_batch
+
+    train(load_config(None, micro_overrides(tmp_path, demo_root, name="k", extra=["continual.strategy=knn"])))
+    run = load_run(tmp_path / "runs" / "k")
+    assert run.scorer is not None
+    files = sorted((demo_root / "carpet" / "test").rglob("*.png"))[:3]
+    result = predict(run, files, tmp_path / "out", log=lambda m: None)
+    assert result["scored_by"] == "strategy" and result["strategy"] == "knn"
+    x = torch.stack([load_image(f, run.image_size) for f in files])
+    banks = run.scorer(run.model, run.extractor, x, run.cfg.eval, None, None).scores
+    recon = score_batch(run.model, run.extractor, x, run.cfg.eval).scores
+    got = torch.tensor([r["score"] for r in result["results"]])
+    torch.testing.assert_close(got, banks.float(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, recon.float(), rtol=1e-2)

@@ -38,12 +38,13 @@ class _Examples:
                 title = f"{batch['defect'][i]} score {float(scores[i]):.3f}, PSNR {db:.1f} dB"
                 bucket.append((batch["image"][i], x_hat[i].cpu(), maps[i].cpu(), batch["mask"][i], title))
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, suptitle: str | None = None) -> None:
         rows = self.rows[0] + self.rows[1]
         if not rows:
             return
         images, recons, maps, masks, titles = zip(*rows)
-        save_heatmap_grid(path, torch.stack(images), torch.stack(recons), torch.stack(maps), torch.stack(masks), titles)
+        save_heatmap_grid(path, torch.stack(images), torch.stack(recons), torch.stack(maps), torch.stack(masks), titles,
+                          suptitle)
 
 
 class Evaluator:
@@ -71,7 +72,8 @@ class Evaluator:
                           "test images had NaN/inf anomaly maps; its metrics are NaN")
             if acc.is_main_process and self.cfg.heatmap_images > 0:
                 safe = cls.replace("/", "_")
-                examples.save(self.run_dir / "report" / "heatmaps" / f"task{after_task:02d}_{safe}.png")
+                examples.save(self.run_dir / "report" / "heatmaps" / f"task{after_task:02d}_{safe}.png",
+                              f"{self.run_dir.name}: {cls} after task {after_task}")
         model.train(was_training)
         return results
 

@@ -48,10 +48,11 @@ from safetensors.torch import load_file
 from cdad_dist.atomic import sha256_file, write_json_atomic
 from cdad_dist.config import RunConfig, load_config
 from cdad_dist.data.images import read_rgb
-from cdad_dist.engine.checkpoint import MANIFEST, CheckpointRef, select_task_end
+from cdad_dist.continual.strategy import ContinualStrategy, build_strategy
+from cdad_dist.engine.checkpoint import MANIFEST, STRATEGY, CheckpointRef, select_task_end
 from cdad_dist.errors import CdadError, CheckpointError
 from cdad_dist.eval.anomaly_map import extractor_from_config
-from cdad_dist.eval.scoring import ScoredBatch, score_batch
+from cdad_dist.eval.scoring import ScoredBatch, image_generators, score_batch
 from cdad_dist.models.presets import build_model, resolve_config
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -72,25 +73,40 @@ class LoadedRun:
     extractor: torch.nn.Module
     image_size: int
     device: torch.device
+    # The run's strategy's own scorer when it detects by other means than the reconstruction (``knn``), else None
+    scorer: Callable | None = None
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _verify_weights(ref: CheckpointRef) -> Path:
-    """Check only the weights file against the manifest (hashing optimizer states would cost time for nothing)."""
-    weights = ref.path / WEIGHTS
+def _verify_weights(ref: CheckpointRef, name: str = WEIGHTS) -> Path:
+    """Check one file (default: the weights) against the manifest (hashing optimizer states would cost time for
+    nothing)."""
+    weights = ref.path / name
     try:
-        expected = json.loads((ref.path / MANIFEST).read_text())["files"][WEIGHTS]
+        expected = json.loads((ref.path / MANIFEST).read_text())["files"][name]
     except (OSError, ValueError, KeyError) as err:
-        raise CheckpointError(f"{ref.path}: cannot read the checksum of {WEIGHTS} from {MANIFEST} ({err!r})") \
+        raise CheckpointError(f"{ref.path}: cannot read the checksum of {name} from {MANIFEST} ({err!r})") \
             from None
     if not weights.is_file():
-        raise CheckpointError(f"{ref.path}: {WEIGHTS} is missing")
+        raise CheckpointError(f"{ref.path}: {name} is missing")
     if sha256_file(weights) != expected:
         raise CheckpointError(f"{weights}: does not match its checksum in {MANIFEST} (damaged file)")
     return weights
+
+
+def _strategy_scorer(cfg: RunConfig, ref: CheckpointRef, extractor, image_size: int) -> Callable | None:
+    """The strategy's ``score_batch`` when it overrides the reconstruction's (``knn``: its memory banks, loaded
+    from the checkpoint), so that predict scores as the evaluator did; None for reconstruction strategies."""
+    strategy = build_strategy(cfg.continual)
+    if type(strategy).score_batch is ContinualStrategy.score_batch:
+        return None
+    state_file = _verify_weights(ref, STRATEGY)
+    strategy.bind(extractor=extractor, image_size=image_size)
+    strategy.load_state_dict(torch.load(state_file, map_location="cpu", weights_only=False))
+    return strategy.score_batch
 
 
 def load_run(run_dir: str | Path, task: str | int = "latest", device: str | torch.device | None = None) -> LoadedRun:
@@ -110,7 +126,9 @@ def load_run(run_dir: str | Path, task: str | int = "latest", device: str | torc
         raise CheckpointError(f"{weights}: does not fit the model of {config_file}: {err}") from None
     model.to(device).eval()
     extractor = extractor_from_config(cfg.eval.anomaly_map, device=device)
-    return LoadedRun(run_dir, cfg, ref, model, extractor, resolve_config(cfg.model).image_size, device)
+    image_size = resolve_config(cfg.model).image_size
+    scorer = _strategy_scorer(cfg, ref, extractor, image_size)
+    return LoadedRun(run_dir, cfg, ref, model, extractor, image_size, device, scorer)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -184,7 +202,12 @@ def _score_images(run: LoadedRun, images: Sequence[InputImage], errors: dict[int
     batches = _readable_batches(images, run.image_size, batch_size or run.cfg.eval.batch_size, errors)
     for chunk in batches:
         x = torch.stack([t for _, t in chunk]).to(run.device)
-        scored = score_batch(run.model, run.extractor, x, run.cfg.eval)
+        scored = None
+        if run.scorer is not None:  # as the evaluator: the strategy's own scores (knn), per-image generators
+            noise = image_generators(run.cfg.eval.reconstruction.seed, x)
+            scored = run.scorer(run.model, run.extractor, x, run.cfg.eval, noise, None)
+        if scored is None:
+            scored = score_batch(run.model, run.extractor, x, run.cfg.eval)
         yield [i for i, _ in chunk], scored
 
 
@@ -352,7 +375,9 @@ def predict(run_dir: str | Path | LoadedRun, inputs: Sequence[str | Path], out_d
              "map": map_files.get(i), "error": errors.get(i)} for i, item in enumerate(images)]
     result = {
         "run": str(run.run_dir), "checkpoint": run.checkpoint.path.name, "task": run.checkpoint.task,
-        "image_size": run.image_size, "reconstruction": asdict(run.cfg.eval.reconstruction),
+        "image_size": run.image_size, "strategy": run.cfg.continual.strategy,
+        "scored_by": "strategy" if run.scorer is not None else "reconstruction",
+        "reconstruction": asdict(run.cfg.eval.reconstruction),
         "threshold": threshold, "threshold_source": source, "map_color_scale": list(scale),
         "n_images": len(images), "n_scored": len(scores), "n_errors": len(errors), "results": rows,
     }

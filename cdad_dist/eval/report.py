@@ -301,8 +301,10 @@ def save_heatmap_grid(
     maps: torch.Tensor,
     masks: torch.Tensor,
     titles: Sequence[str],
+    suptitle: str | None = None,
 ) -> Path:
-    """A grid, one row per image: input | reconstruction | anomaly-map overlay | ground truth.
+    """A grid, one row per image: input | reconstruction | anomaly-map overlay | ground truth; ``suptitle`` (run,
+    task, class) heads it.
 
     The map colour scale is shared by every row of the grid (min..max over all maps given), so normal and
     anomalous images of the class are comparable. Pass a few normal and a few anomalous images of one class.
@@ -337,6 +339,8 @@ def save_heatmap_grid(
             ax.set_xticks([])
             ax.set_yticks([])
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=min(0.8, 0.35 * n), label="anomaly score (shared scale)")
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=9)
     return _save(fig, path)
 
 
