@@ -199,31 +199,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def validate(cfg: RunConfig, source: str, overrides: list[str] | None = None) -> None:
     """Value checks across keys; the error names the --set that gave the offending key, else the file."""
-    checks = [
-        (cfg.data.batch_size > 0, "data.batch_size must be > 0"),
-        (cfg.train.grad_accum > 0, "train.grad_accum must be > 0"),
-        (cfg.train.base_steps > 0 or cfg.train.base_epochs > 0, "train.base_steps or train.base_epochs must be > 0"),
-        (cfg.train.incremental_steps > 0 or cfg.train.incremental_epochs > 0,
-         f"train.incremental_steps or train.incremental_epochs must be > 0 (got {cfg.train.incremental_steps} and "
+    checks = [  # (holds, the key to blame, message)
+        (cfg.data.batch_size > 0, "data.batch_size", "must be > 0"),
+        (cfg.train.grad_accum > 0, "train.grad_accum", "must be > 0"),
+        (cfg.train.base_steps > 0 or cfg.train.base_epochs > 0, "train.base_steps",
+         "or train.base_epochs must be > 0"),
+        (cfg.train.incremental_steps > 0 or cfg.train.incremental_epochs > 0, "train.incremental_steps",
+         f"or train.incremental_epochs must be > 0 (got {cfg.train.incremental_steps} and "
          f"{cfg.train.incremental_epochs}): a task with 0 steps would learn nothing"),
         (cfg.train.base_steps >= 0 and cfg.train.incremental_steps >= 0 and cfg.train.base_epochs >= 0
-         and cfg.train.incremental_epochs >= 0, "train.*_steps and train.*_epochs must be >= 0"),
-        (cfg.train.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
-        (cfg.train.checkpoint_every >= 0, "train.checkpoint_every must be >= 0 (0: at task ends only)"),
-        (cfg.train.keep_last >= 1, "train.keep_last must be >= 1"),
-        (cfg.train.log_every > 0, "train.log_every must be > 0"),
-        (cfg.eval.batch_size > 0, "eval.batch_size must be > 0"),
-        (cfg.eval.heatmap_images >= 0, "eval.heatmap_images must be >= 0"),
-        (cfg.eval.max_test_per_class is None or cfg.eval.max_test_per_class > 0,
-         "eval.max_test_per_class must be > 0 or null (all)"),
-        (cfg.train.lr > 0, "train.lr must be > 0"),
-        (bool(cfg.name) and "/" not in cfg.name, "name must be a non-empty directory name"),
+         and cfg.train.incremental_epochs >= 0, "train.*_steps", "and train.*_epochs must be >= 0"),
+        (cfg.train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0"),
+        (cfg.train.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0 (0: at task ends only)"),
+        (cfg.train.keep_last >= 1, "train.keep_last", "must be >= 1"),
+        (cfg.train.log_every > 0, "train.log_every", "must be > 0"),
+        (cfg.eval.batch_size > 0, "eval.batch_size", "must be > 0"),
+        (cfg.eval.heatmap_images >= 0, "eval.heatmap_images", "must be >= 0"),
+        (cfg.eval.max_test_per_class is None or cfg.eval.max_test_per_class > 0, "eval.max_test_per_class",
+         "must be > 0 or null (all)"),
+        (cfg.train.lr > 0, "train.lr", "must be > 0"),
+        (bool(cfg.name) and "/" not in cfg.name, "name", "must be a non-empty directory name"),
     ]
-    for ok, message in checks:
+    for ok, key, message in checks:
         if not ok:
-            key = message.split(" ", 1)[0]
             given = [o for o in overrides or [] if o.split("=", 1)[0].strip() == key]
-            raise ConfigError(f"{'--set ' + given[-1] if given else source}: {message}")
+            raise ConfigError(f"{'--set ' + given[-1] if given else source}: {key} {message}")
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -155,3 +155,13 @@ def test_key_bits_are_configurable_and_validated():
         labels = (masks.flatten(1).amax(1) > 0).long()
         b.update(maps.flatten(1).amax(1), maps, labels, masks)
         a.merge(b)
+
+
+def test_map_dtype_does_not_change_the_metrics():
+    """bf16 / fp16 maps (autocast evaluation) and fp64 maps give the metrics of the same values in float32."""
+    maps, masks = _case("lognormal", n=6, size=24)
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        low = maps.clamp(max=6e4).to(dtype)  # fp16 range
+        reference, _ = _accumulate(low.float(), masks, range(6))
+        got, _ = _accumulate(low, masks, range(6))
+        assert got == reference, dtype

@@ -158,7 +158,7 @@ def make_capture_forward(model: nn.Module, cfg: CaptureConfig, reconstruction=No
     per image, seeded by (seed, the clean image's pixels) and used for both passes: an image's captured inputs
     do not depend on its batch, its rank or the number of ranks.
     """
-    from cdad_dist.eval.reconstruct import ReconstructionConfig, image_generators, reconstruct_latent
+    from cdad_dist.eval.reconstruct import ReconstructionConfig, image_generators, per_image_randn, reconstruct_latent
 
     recon = reconstruction or ReconstructionConfig()
     # The forward passes of test time: a DDIM run gets `ddim_steps` steps from its start; one_step / fused runs
@@ -189,7 +189,7 @@ def make_capture_forward(model: nn.Module, cfg: CaptureConfig, reconstruction=No
             return
         lo, hi = getattr(model, "train_t_range", (0, num_train))  # the noise levels it trained on
         for _ in range(cfg.random_timesteps):
-            noise = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in generators]).to(z0)
+            noise = per_image_randn(z0, generators)
             t = torch.cat([torch.randint(lo, hi, (1,), generator=g) for g in generators]).to(z0.device)
             model.predict_eps(model.noise_scheduler.add_noise(z0, noise, t), t, c)
 

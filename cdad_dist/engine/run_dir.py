@@ -47,11 +47,13 @@ def run_identity(cfg: RunConfig, tasks: list[list[str]]) -> dict[str, Any]:
     return {"tasks": tasks, "config": config}
 
 
+_MISSING = object()
+
+
 def _show(value: Any) -> str:
     return "(unset)" if value is _MISSING else json.dumps(value)
 
 
-_MISSING = object()
 _LEGACY = {"model_preset": "model.preset", "strategy": "continual.strategy", "seed": "train.seed"}  # round 1
 
 

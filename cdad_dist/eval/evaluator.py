@@ -17,7 +17,7 @@ from cdad_dist.eval.anomaly_map import extractor_from_config
 from cdad_dist.eval.metrics import ClassMetricAccumulator
 from cdad_dist.eval.recon_quality import psnr
 from cdad_dist.eval.report import save_heatmap_grid, write_report
-from cdad_dist.eval.scoring import image_generators, score_batch
+from cdad_dist.eval.scoring import image_generators, score_with
 from cdad_dist.faults import fault_point, poison_maps
 from cdad_dist.progress import progress
 
@@ -100,9 +100,7 @@ class Evaluator:
             # Noise per image, from the seed and the image's pixels: its score is the same in any batch, on any
             # rank count, after every task (common noise makes forgetting a paired comparison) and in predict.
             generator = image_generators(seed, batch["image"])
-            scored = scorer(model, self.extractor, x, self.cfg, generator, acc.autocast) if scorer else None
-            if scored is None:
-                scored = score_batch(model, self.extractor, x, self.cfg, generator, autocast=acc.autocast)
+            scored = score_with(scorer, model, self.extractor, x, self.cfg, generator, acc.autocast)
             maps = poison_maps(scored.maps.cpu(), after_task, index, acc.process_index)  # CDAD_FAULT_NAN rehearsal
             metric.update(scored.scores.cpu(), maps, batch["label"], batch["mask"], names=batch["key"])
             if acc.is_main_process:

@@ -52,7 +52,7 @@ from cdad_dist.continual.strategy import ContinualStrategy, build_strategy
 from cdad_dist.engine.checkpoint import MANIFEST, STRATEGY, CheckpointRef, select_task_end
 from cdad_dist.errors import CdadError, CheckpointError
 from cdad_dist.eval.anomaly_map import extractor_from_config
-from cdad_dist.eval.scoring import ScoredBatch, image_generators, score_batch
+from cdad_dist.eval.scoring import ScoredBatch, score_with
 from cdad_dist.models.presets import build_model, resolve_config
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -202,12 +202,7 @@ def _score_images(run: LoadedRun, images: Sequence[InputImage], errors: dict[int
     batches = _readable_batches(images, run.image_size, batch_size or run.cfg.eval.batch_size, errors)
     for chunk in batches:
         x = torch.stack([t for _, t in chunk]).to(run.device)
-        scored = None
-        if run.scorer is not None:  # as the evaluator: the strategy's own scores (knn), per-image generators
-            noise = image_generators(run.cfg.eval.reconstruction.seed, x)
-            scored = run.scorer(run.model, run.extractor, x, run.cfg.eval, noise, None)
-        if scored is None:
-            scored = score_batch(run.model, run.extractor, x, run.cfg.eval)
+        scored = score_with(run.scorer, run.model, run.extractor, x, run.cfg.eval)  # as the evaluator scores
         yield [i for i, _ in chunk], scored
 
 

@@ -106,9 +106,14 @@ def image_generators(seed: int, images: torch.Tensor) -> list[torch.Generator]:
 def _noise(z: torch.Tensor, generator: Noise) -> torch.Tensor:
     if isinstance(generator, torch.Generator):
         return torch.randn(z.shape, generator=generator, device=generator.device, dtype=torch.float32).to(z)
-    if len(generator) != z.shape[0]:
-        raise ValueError(f"{len(generator)} noise generators for a batch of {z.shape[0]} latents")
-    return torch.stack([torch.randn(z.shape[1:], generator=g, dtype=torch.float32) for g in generator]).to(z)
+    return per_image_randn(z, generator)
+
+
+def per_image_randn(z: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """Standard normal noise shaped like ``z``, image i's drawn from ``generators[i]`` (CPU, float32), as ``z``."""
+    if len(generators) != z.shape[0]:
+        raise ValueError(f"{len(generators)} noise generators for a batch of {z.shape[0]} latents")
+    return torch.stack([torch.randn(z.shape[1:], generator=g, dtype=torch.float32) for g in generators]).to(z)
 
 
 def _q_sample(scheduler, z: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:

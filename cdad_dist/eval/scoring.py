@@ -29,7 +29,7 @@ class ScoredBatch:
     denoise_s: float         # the part of recon_s the reconstruction mode does: noising, U-Net calls, updates
 
 
-__all__ = ["ScoredBatch", "image_generators", "score_batch"]
+__all__ = ["ScoredBatch", "image_generators", "score_batch", "score_with"]
 
 
 def _sync(device: torch.device) -> None:
@@ -67,6 +67,16 @@ def score_batch(model, extractor, x: torch.Tensor, eval_cfg: EvalConfig, generat
     s = clock.seconds
     return ScoredBatch(x_hat, maps, scores, recon_s=s["prepare"] + s["denoise"] + s["decode"], map_s=s["maps"],
                        denoise_s=s["denoise"])
+
+
+def score_with(scorer: Callable | None, model, extractor, x: torch.Tensor, eval_cfg: EvalConfig,
+               generator: Noise | None = None, autocast: Callable[[], ContextManager] | None = None) -> ScoredBatch:
+    """A strategy's own scores (``ContinualStrategy.score_batch``, e.g. knn's banks) when it gives them, else the
+    reconstruction's (:func:`score_batch`); the evaluator and ``cdad predict`` both score through here."""
+    if generator is None:
+        generator = image_generators(eval_cfg.reconstruction.seed, x)
+    scored = scorer(model, extractor, x, eval_cfg, generator, autocast) if scorer is not None else None
+    return scored if scored is not None else score_batch(model, extractor, x, eval_cfg, generator, autocast=autocast)
 
 
 class _StageClock:
