@@ -176,7 +176,7 @@ def _cmd_bench(args) -> int:
 
     strategies = [s for s in args.strategies.split(",") if s] if args.strategies else None
     results = run_benchmarks(args.name, quick=args.quick, out_dir=Path(args.out), config=args.config,
-                             strategies=strategies, seeds=args.seeds)
+                             strategies=strategies, seeds=args.seeds, sequence=args.sequence)
     print(json.dumps({k: v.get("summary", "") for k, v in results.items()}, indent=2))
     return 0
 
@@ -269,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "configs/real.yaml; default configs/demo.yaml")
     bench.add_argument("--strategies", default=None,
                        help="`continual` only: comma-separated rows, e.g. naive,cdad,joint,knn (default: all)")
+    bench.add_argument("--sequence", default=None,
+                       help="`continual` only: another task sequence of the dataset, e.g. demo-1x6 (one class per "
+                            "task, 6 tasks: where projection saturates)")
     bench.add_argument("--seeds", type=int, default=1,
                        help="`continual` only: repeat the study with N seeds; mean ± std and error bars")
     bench.set_defaults(func=_cmd_bench)

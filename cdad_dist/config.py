@@ -16,7 +16,7 @@ from typing import Any, Literal
 import dacite
 import yaml
 
-from cdad_dist.continual.strategy import ContinualConfig
+from cdad_dist.continual.config import ContinualConfig
 from cdad_dist.data.perturb import NSAConfig
 from cdad_dist.errors import ConfigError
 from cdad_dist.eval.anomaly_map import AnomalyMapConfig
@@ -224,6 +224,13 @@ def validate(cfg: RunConfig, source: str, overrides: list[str] | None = None) ->
         if not ok:
             given = [o for o in overrides or [] if o.split("=", 1)[0].strip() == key]
             raise ConfigError(f"{'--set ' + given[-1] if given else source}: {key} {message}")
+    try:  # the model section's own checks (preset values, widths, backends) at load time, not at build time
+        from cdad_dist.models.presets import resolve_config
+
+        resolve_config(cfg.model)
+    except ConfigError as err:
+        given = [o for o in overrides or [] if o.split("=", 1)[0].strip().startswith("model.")]
+        raise ConfigError(f"{'--set ' + given[-1] if given else source}: {err}") from None
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:

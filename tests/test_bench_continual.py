@@ -77,11 +77,18 @@ def test_end_to_end_on_a_micro_model_writes_json_table_and_figure(tmp_path):
     cfg = ContinualBenchConfig(base_steps=2, incremental_steps=2, max_test_per_class=2, capture_images=2,
                                extra_overrides=micro)
     result = run(True, tmp_path, cfg=cfg, log=lambda *a: None)
-    assert set(result["strategies"]) == {"naive", "cdad", "cdad-grad", "cdad-paper", "joint", "knn"}
+    assert set(result["strategies"]) == {"naive", "cdad", "cdad-grad", "cdad-paper", "joint", "knn", "replay-buffer",
+                                         "cdad+replay-buffer"}
     assert result["train_seconds"][0]["base_task"] is not None
     saved = json.loads((tmp_path / "continual.json").read_text())
     assert saved["summary"] == result["summary"] and "FM(cdad)/FM(naive)" in saved["summary"]
-    assert (tmp_path / "continual.md").read_text().count("|") > 20 and (tmp_path / "continual.png").stat().st_size
+    table = (tmp_path / "continual.md").read_text()
+    assert table.count("|") > 20 and (tmp_path / "continual.png").stat().st_size
+    # Per task: the diagonal (plasticity) for every strategy, and the projection's fill fraction for cdad rows.
+    assert "| cdad | 1 |" in table and "| replay-buffer | 1 |" in table
+    fill = result["strategies"]["cdad"]["fill_per_task"]
+    assert len(fill) == len(result["strategies"]["cdad"]["per_task"]) == 3
+    assert 0.0 < fill[0] <= fill[1] <= fill[2] <= 1.0  # bases only grow: saturation shows as fill -> 1
     # The four continual strategies started from the one shared base task, whose row 0 they all report.
     rows = {name: r["image_auroc"]["steps"][0] for name, r in result["strategies"].items()
             if name not in ("joint", "knn")}  # knn trains nothing: it runs on its own

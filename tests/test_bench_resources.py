@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from cdad_dist.bench import BENCHMARKS, run_benchmarks
-from cdad_dist.bench.basis import TARGET_RATIO
-from cdad_dist.bench.basis import summary_line as basis_line
+from cdad_dist.bench.basis import judge
+from cdad_dist.bench.basis import model_line as basis_line
 from cdad_dist.bench.storage import residuals
 from cdad_dist.bench.throughput import gpu_peak_tflops
 from cdad_dist.bench.throughput import summary_line as throughput_line
@@ -34,11 +34,16 @@ def test_basis_summary_reports_the_target_on_the_worst_configuration():
     def rank(ratio):
         return {"basis_s": 3.0 * ratio, "inference_s": 3.0, "ratio": ratio, "capture_ratio": ratio - 0.1,
                 "fixed_s": 0.3}
-    result = {"by_ranks": {"1rank": rank(1.2), "2rank": rank(TARGET_RATIO + 0.4)}, "speedup_2_vs_1_rank": 1.7}
-    line = basis_line(result)
-    assert "2 ranks 1.70x faster" in line and "NOT MET" in line
-    result["by_ranks"]["2rank"] = rank(1.4)
-    assert basis_line(result).endswith("MET)") and "NOT MET" not in basis_line(result)
+    result = {"by_ranks": {"1rank": rank(1.2), "2rank": rank(3.4)}, "speedup_2_vs_1_rank": 1.7, "target_ratio": 3.0,
+              "energy": {"worst_ratio": 0.9995, "worst_layer": "unet.conv_in", "mean_ratio": 0.9999}}
+    result["met"] = judge(result)
+    line = basis_line("sd15x0.125@64px", result)
+    assert "2 ranks 1.70x faster" in line and "NOT MET" in line and "unet.conv_in" in line
+    result["by_ranks"]["2rank"] = rank(2.9)
+    result["met"] = judge(result)
+    assert basis_line("sd15", result).endswith("MET)") and "NOT MET" not in basis_line("sd15", result)
+    result["energy"]["worst_ratio"] = 0.998  # fast but below the energy target: not met
+    assert not judge(result)
 
 
 def test_throughput_summary_and_gpu_peaks():

@@ -60,7 +60,9 @@ def _deepspeed_projection_run(stage: int, project: str, optimizer_kind: str, pro
     from deepspeed.utils import safe_get_full_fp32_param
 
     from cdad_dist.continual.capture import CaptureConfig
+    from cdad_dist.continual.protocol import StrategyContext
     from cdad_dist.continual.strategy import CDADStrategy, ContinualConfig
+    from cdad_dist.engine.accel import describe_backend
 
     acc = _deepspeed_accelerator(stage, project_dir)
     assert "DEEPSPEED" in str(acc.distributed_type) and acc.num_processes == 2
@@ -70,9 +72,11 @@ def _deepspeed_projection_run(stage: int, project: str, optimizer_kind: str, pro
     strategy = CDADStrategy(ContinualConfig(project=project, gamma=GAMMA, capture=CaptureConfig(images=1.0, seed=3)))
     old, new = smooth_images(32, seed=10 + rank), noisy_images(32, seed=20 + rank)
 
-    strategy.begin_task(0, net, acc)
+    strategy.bind(StrategyContext(backend=describe_backend(acc)))
+    assert strategy.context.backend.zero_stage == stage and strategy.context.backend.world == 2
+    strategy.begin_task(0, net)
     _train_under_engine(acc, net, strategy, old, steps=10, seed=1, optimizer_kind=optimizer_kind)
-    strategy.end_task(0, net, batches_of(old), lambda batch: net(batch["image"]), acc)
+    strategy.end_task(0, net, batches_of(old), lambda batch: net(batch["image"]))
     layers = strategy.protected_layers(net)
     x_old = record_inputs(net, layers, batches_of(old))
     for name, X in x_old.items():  # X_old is the union of both ranks' task-0 features
@@ -81,7 +85,7 @@ def _deepspeed_projection_run(stage: int, project: str, optimizer_kind: str, pro
         x_old[name] = torch.cat(parts, dim=1)
     start = {name: m.weight.detach().double().clone() for name, m in layers.items()}
 
-    strategy.begin_task(1, net, acc)
+    strategy.begin_task(1, net)
     frozen = sorted(n for n, p in net.named_parameters() if not p.requires_grad)
     _train_under_engine(acc, net, strategy, new, steps=25, seed=2, optimizer_kind=optimizer_kind)
     checks = leak_and_bound(strategy, layers, start, x_old)

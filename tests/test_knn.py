@@ -43,7 +43,7 @@ def test_knn_runs_through_the_engine_without_training_and_never_forgets(tmp_path
     cfg = load_config(None, micro_overrides(tmp_path, demo_root, extra=["continual.strategy=knn"]))
     matrix = train(cfg)
     run_dir = tmp_path / "runs" / "t"
-    extra = json.loads((run_dir / "report" / "results.json").read_text())["extra"]
+    extra = json.loads((run_dir / "report" / "results.json").read_text())["strategy_summary"]
     # 8 training images of 32 px per class, features on the stride-4 grid of the 32 px input: 8·8·8 patches.
     assert extra["bank_patches_per_class"] == {"demo/carpet": 512, "demo/bottle": 512}
     per_class = extra["bank_bytes_per_class"]["demo/carpet"]

@@ -12,6 +12,7 @@ from cdad_dist.continual.capture import CaptureConfig, FeatureCapture, layer_inp
 from cdad_dist.continual.layers import LayerPatterns, discover_protected, input_dim
 from cdad_dist.continual.projector import Projector, project_rows
 from cdad_dist.continual.store import BasisStore, compact_form, orthogonal_complement
+from cdad_dist.continual.protocol import Backend, StrategyContext
 from cdad_dist.continual.strategy import (CDADStrategy, ContinualConfig, JointStrategy, NaiveStrategy,
                                           build_strategy)
 from cdad_dist.errors import CheckpointError, ConfigError, CdadError
@@ -309,20 +310,19 @@ def test_state_dict_resumes_the_bases():
 
 
 def test_backends_where_projection_would_silently_fail_are_refused():
-    class FakeAccelerator:
-        def __init__(self, kind: str, zero_stage: int = 2) -> None:
-            self.distributed_type = kind
-            plugin = type("Plugin", (), {"deepspeed_config": {"zero_optimization": {"stage": zero_stage}}})()
-            self.state = type("State", (), {"deepspeed_plugin": plugin})()
+    def on(backend: Backend, project: str = "update") -> CDADStrategy:
+        strategy = CDADStrategy(ContinualConfig(project=project))
+        strategy.bind(StrategyContext(backend=backend))
+        return strategy
 
     net = Net()
     with pytest.raises(ConfigError, match="ZeRO-3"):
-        CDADStrategy(ContinualConfig()).begin_task(0, net, FakeAccelerator("DistributedType.DEEPSPEED", 3))
+        on(Backend("DEEPSPEED", zero_stage=3)).begin_task(0, net)
     with pytest.raises(ConfigError, match="FSDP"):
-        CDADStrategy(ContinualConfig(project="grad")).begin_task(0, net, FakeAccelerator("FSDP"))
+        on(Backend("FSDP"), "grad").begin_task(0, net)
     for project in ("update", "grad"):  # ZeRO-1/2 keep whole weights: both modes work (tests/test_deepspeed.py)
-        CDADStrategy(ContinualConfig(project=project)).begin_task(0, net, FakeAccelerator("DEEPSPEED", 2))
-    CDADStrategy(ContinualConfig()).begin_task(0, net, FakeAccelerator("MULTI_GPU"))
+        on(Backend("DEEPSPEED", zero_stage=2), project).begin_task(0, net)
+    on(Backend("MULTI_GPU", world=8)).begin_task(0, net)
 
 
 def test_projector_never_needs_uut_and_checks_shapes():

@@ -165,7 +165,9 @@ def test_small_t_reconstructs_the_input_closely(model, images):
 
 
 def test_config_errors(model, images):
-    for cfg in (ReconstructionConfig(mode="dpm"), ReconstructionConfig(start_t=1000),
+    with pytest.raises(CdadError, match="eval.reconstruction.mode"):  # a bad mode fails when the config is built
+        ReconstructionConfig(mode="dpm")
+    for cfg in (ReconstructionConfig(start_t=1000),
                 ReconstructionConfig(start_t=3, steps=5), ReconstructionConfig(mode="fused", t_b=-1)):
         with pytest.raises(CdadError, match="reconstruction"):
             reconstruct(model, images, cfg)

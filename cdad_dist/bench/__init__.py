@@ -28,7 +28,8 @@ CONFIGURABLE = ("inference", "continual")  # benchmarks that take a run config (
 
 
 def run_benchmarks(name: str, *, quick: bool, out_dir: Path, config: str | None = None,
-                   strategies: list[str] | None = None, seeds: int = 1) -> dict[str, Any]:
+                   strategies: list[str] | None = None, seeds: int = 1,
+                   sequence: str | None = None) -> dict[str, Any]:
     names = list(BENCHMARKS) if name == "all" else [name]
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
@@ -46,6 +47,8 @@ def run_benchmarks(name: str, *, quick: bool, out_dir: Path, config: str | None 
             kwargs["strategies"] = strategies
         if seeds != 1 and bench == "continual":
             kwargs["seeds"] = seeds
+        if sequence and bench == "continual":
+            kwargs["sequence"] = sequence
         results[bench] = module.run(quick, out_dir / bench, **kwargs)
         seconds = time.perf_counter() - start
         if isinstance(results[bench], dict):

@@ -37,6 +37,7 @@ from cdad_dist.atomic import write_json_atomic
 from cdad_dist.config import DEFAULT_CONFIG, load_config
 from cdad_dist.data.sequences import resolve_sequence
 from cdad_dist.engine.checkpoint import list_checkpoints
+from cdad_dist.continual.protocol import build_strategy
 from cdad_dist.errors import ConfigError
 from cdad_dist.eval.matrix import AccuracyMatrix
 
@@ -48,6 +49,9 @@ STRATEGIES: dict[str, list[str]] = {
     "joint": ["continual.strategy=joint"],
     # Training-free nearest-neighbour baseline (PatchCore without coreset): what users compare against.
     "knn": ["continual.strategy=knn"],
+    # Experience replay of real old-class images (continual.replay: per_class kept, ratio of each batch).
+    "replay-buffer": ["continual.strategy=replay"],
+    "cdad+replay-buffer": ["continual.strategy=cdad+replay", "continual.project=update", "continual.sketch=isvd"],
 }
 # Strategies that train nothing start on their own instead of after the shared base task.
 TRAINING_FREE = ("knn",)
@@ -144,8 +148,23 @@ def summarise(matrices: dict[str, AccuracyMatrix]) -> dict[str, Any]:
                            "diagonal": _points(s["diagonal_average"]),
                            "steps": {int(t): _points(v) for t, v in s["step_average"].items()},
                            "gap_to_joint": _points(s["gap_to_joint"]) if "gap_to_joint" in s else None}
+        row["per_task"] = _per_task(m, "image_auroc")
         per[name] = row
     return {"strategies": per, "targets": _targets(per)}
+
+
+def _per_task(m: AccuracyMatrix, metric: str) -> dict[int, dict[str, float]]:
+    """Per task t (points): A over the classes seen after t, the diagonal (t's own classes right after t:
+    plasticity), and t's own classes at the end and their forgetting."""
+    tasks = m.per_task(metric)
+    out = {}
+    for t, after in sorted(m.summary(metric)["step_average"].items()):
+        t = int(t)
+        own = [v for cls, v in m.row(metric, t).items() if m.own_task(cls) == t]
+        end = tasks.get(t, {})
+        out[t] = {"A_after": _points(after), "diagonal": _points(sum(own) / len(own)) if own else math.nan,
+                  "final": _points(end.get("final", math.nan)), "FM": _points(end.get("forgetting", math.nan))}
+    return out
 
 
 def _targets(per: dict[str, Any]) -> dict[str, Any]:
@@ -189,6 +208,9 @@ def aggregate(summaries: list[dict[str, Any]]) -> dict[str, Any]:
             out["steps"] = {t: m for t, (m, _) in pairs.items()}
             out["steps_std"] = {t: s for t, (_, s) in pairs.items()}
             row[metric] = out
+        for key in ("per_task", "fill_per_task"):  # per-task detail: the first seed's (the table says so)
+            if key in summaries[0]["strategies"][name]:
+                row[key] = summaries[0]["strategies"][name][key]
         per[name] = row
     return {"strategies": per, "targets": _targets(per), "n_seeds": len(summaries)}
 
@@ -241,6 +263,7 @@ def markdown_table(summary: dict[str, Any], test_counts: tuple[int, int] | None 
                      f"| {_pm(img, 'diagonal', 1)} | {_pm(img, 'gap_to_joint', 1)} |")
     lines.append("")
     lines.append(f"Points (%). {'Mean ± std over ' + str(n_seeds) + ' seeds.' if n_seeds > 1 else 'One seed.'}")
+    lines += ["", *per_task_table(summary)]
     if test_counts is not None:
         pos, neg = test_counts
         se = [100 * auroc_standard_error(a, pos, neg) for a in (0.9, 0.7)]
@@ -248,6 +271,27 @@ def markdown_table(summary: dict[str, Any], test_counts: tuple[int, int] | None 
                      f"standard error of {se[0]:.1f} points at AUROC 0.9 and {se[1]:.1f} at 0.7 (Hanley & McNeil); "
                      f"differences smaller than that are within noise{'' if n_seeds > 1 else ' (use --seeds N)'}.")
     return "\n".join(lines) + "\n"
+
+
+def per_task_table(summary: dict[str, Any]) -> list[str]:
+    """Image AUROC per task and strategy (first seed's runs when several): A after the task, the task's diagonal
+    (plasticity), its final value and FM; and CDAD's fill fraction Σk/Σd after the task (saturation)."""
+    rows = [(name, r) for name, r in summary["strategies"].items() if r.get("per_task")]
+    if not rows:
+        return []
+    lines = ["Per task (image AUROC, points; fill = Σk/Σd of the projection bases after the task):", "",
+             "| Strategy | task | A after task | diagonal | final | FM | fill |", "|---|---|---|---|---|---|---|"]
+    for name, r in rows:
+        fill = r.get("fill_per_task") or []
+        for t, v in sorted(r["per_task"].items(), key=lambda kv: int(kv[0])):
+            f = fill[int(t)] if int(t) < len(fill) and fill[int(t)] is not None else None
+            lines.append(f"| {name} | {t} | {_fmt1(v['A_after'])} | {_fmt1(v['diagonal'])} | {_fmt1(v['final'])} "
+                         f"| {_fmt(v['FM'])} | {'–' if f is None else f'{f:.3f}'} |")
+    return lines
+
+
+def _fmt1(value: float) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:.1f}"
 
 
 def _pm(row: dict[str, Any], key: str, digits: int) -> str:
@@ -300,13 +344,16 @@ def _strategy_style(name: str) -> dict[str, Any]:
 
 
 def run(quick: bool, out_dir, *, cfg: ContinualBenchConfig | None = None, config: str | None = None,
-        strategies: list[str] | None = None, seeds: int | None = None, log=print) -> dict[str, Any]:
+        strategies: list[str] | None = None, seeds: int | None = None, sequence: str | None = None,
+        log=print) -> dict[str, Any]:
     config = str(config or DEFAULT_CONFIG)
     cfg = cfg or (ContinualBenchConfig.quick(config) if quick else ContinualBenchConfig(config=config))
     if strategies:
         cfg = ContinualBenchConfig(**{**asdict(cfg), "strategies": list(strategies)})
     if seeds is not None:
         cfg = ContinualBenchConfig(**{**asdict(cfg), "seeds": seeds})
+    if sequence is not None:
+        cfg = ContinualBenchConfig(**{**asdict(cfg), "sequence": sequence})
     work = Path(out_dir)
     work.mkdir(parents=True, exist_ok=True)
     per_seed = [_run_seed(replace(cfg, seed=cfg.seed + i), work, log) for i in range(cfg.seeds)]
@@ -327,7 +374,7 @@ def run(quick: bool, out_dir, *, cfg: ContinualBenchConfig | None = None, config
 def _run_seed(cfg: ContinualBenchConfig, work: Path, log) -> dict[str, Any]:
     """Every strategy of the study with ``cfg.seed``: the run directories, training seconds and summary."""
     common = _common_overrides(cfg, work)
-    n_tasks = len(resolve_sequence(load_config(cfg.config, common).sequence).tasks)
+    sequence = resolve_sequence(load_config(cfg.config, common).sequence).tasks
     seconds: dict[str, float | None] = {}
     run_dirs: dict[str, Path] = {}
     base_dir = None
@@ -340,9 +387,14 @@ def _run_seed(cfg: ContinualBenchConfig, work: Path, log) -> dict[str, Any]:
         if base_dir is not None and name in continual:
             overrides = overrides + [f"train.init_from={base_dir}"]
         log(f"bench continual: strategy {name}")
-        tasks_in_run = 1 if name == "joint" else n_tasks  # joint collapses the sequence into one task
+        tasks_in_run = len(build_strategy(load_config(cfg.config, overrides).continual).plan_tasks(sequence))
         run_dirs[name], seconds[name] = _train(cfg.config, overrides + [f"name=cbench-{name}-{_tag([str(cfg.config)] + overrides)}"],
                                                tasks_in_run, log)
-    matrices = {name: AccuracyMatrix.from_dict(json.loads((d / "report" / "results.json").read_text())["matrix"])
-                for name, d in run_dirs.items()}
-    return {"runs": {k: str(v) for k, v in run_dirs.items()}, "seconds": seconds, "summary": summarise(matrices)}
+    results = {name: json.loads((d / "report" / "results.json").read_text()) for name, d in run_dirs.items()}
+    matrices = {name: AccuracyMatrix.from_dict(r["matrix"]) for name, r in results.items()}
+    summary = summarise(matrices)
+    for name, r in results.items():  # projection's fill per task (Σk/Σd of the bases after each task)
+        fill = (r.get("strategy_summary") or {}).get("fill_per_task")
+        if fill:
+            summary["strategies"][name]["fill_per_task"] = fill
+    return {"runs": {k: str(v) for k, v in run_dirs.items()}, "seconds": seconds, "summary": summary}

@@ -17,6 +17,11 @@ projection's own time is printed too, as a share of a naive step.
 Also reported per strategy: the largest leak ‖ΔW·U‖/‖ΔW‖ over the protected layers and the drift of the task-0
 DDIM reconstruction (relative L2 change of the final latent, same noise); plus the basis store's size (stored
 in its smaller form, U or its complement) against the protected weights and the capture time.
+
+AMN drift on perturbed inputs: the AMN trains on NSA-perturbed images, so the capture also passes each image's
+perturbed version (``continual.capture.perturbed``). To show what that protects, two more copies train on task 1
+under the update projection with bases captured on clean images only vs clean + perturbed, and the relative change
+of the AMN's output (the condition) on the task-0 images' perturbed versions is reported against naive.
 """
 from __future__ import annotations
 
@@ -51,10 +56,11 @@ class ProjectionBenchConfig:
     ddim_steps: int = 5
     seed: int = 0
     target_ratio: float = 1.10
+    drift_steps: int = 20  # task-1 steps of the AMN-drift copies (untimed)
 
     @classmethod
     def quick(cls) -> ProjectionBenchConfig:
-        return cls(n_old=4, n_new=8, warmup_steps=1, repeats=3, steps_per_repeat=2, ddim_steps=3)
+        return cls(n_old=4, n_new=8, warmup_steps=1, repeats=3, steps_per_repeat=2, ddim_steps=3, drift_steps=6)
 
 
 def _images(kind: str, n: int, size: int, seed: int) -> torch.Tensor:
@@ -66,9 +72,27 @@ def _images(kind: str, n: int, size: int, seed: int) -> torch.Tensor:
     return torch.rand(n, 3, size, size, generator=g)
 
 
-def _batches(images: torch.Tensor, size: int) -> list[dict]:
-    return [{"image": images[i:i + size], "key": [str(i + j) for j in range(len(images[i:i + size]))]}
-            for i in range(0, len(images), size)]
+def _perturbed(images: torch.Tensor, seed: int) -> torch.Tensor:
+    """Each image with NSA patches from the next image of the set (as training perturbs it)."""
+    import numpy as np
+
+    from cdad_dist.data.perturb import NSAConfig, NSAPerturber
+
+    perturber = NSAPerturber(NSAConfig(probability=1.0))
+    rng = np.random.default_rng(seed)
+    as_uint8 = (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+    out = [perturber(as_uint8[i], as_uint8[(i + 1) % len(as_uint8)], rng)[0] for i in range(len(as_uint8))]
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 255
+
+
+def _batches(images: torch.Tensor, size: int, perturbed: torch.Tensor | None = None) -> list[dict]:
+    batches = []
+    for i in range(0, len(images), size):
+        batch = {"image": images[i:i + size], "key": [str(i + j) for j in range(len(images[i:i + size]))]}
+        if perturbed is not None:
+            batch["perturbed"] = perturbed[i:i + size]
+        batches.append(batch)
+    return batches
 
 
 @torch.no_grad()
@@ -87,8 +111,9 @@ def _reconstruct(model, images: torch.Tensor, steps: int, seed: int) -> torch.Te
 class _Trainee:
     """One model copy with its strategy and AdamW, stepping on task-1 images with its own generator."""
 
-    def __init__(self, model, strategy, cfg: ProjectionBenchConfig, images: torch.Tensor) -> None:
-        self.model, self.strategy, self.images, self.cfg = model, strategy, images, cfg
+    def __init__(self, model, strategy, cfg: ProjectionBenchConfig, images: torch.Tensor,
+                 perturbed: torch.Tensor) -> None:
+        self.model, self.strategy, self.images, self.perturbed, self.cfg = model, strategy, images, perturbed, cfg
         groups = strategy.optimizer_param_groups(model, cfg.weight_decay)
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
         self.generator = torch.Generator().manual_seed(cfg.seed + 1)
@@ -96,9 +121,10 @@ class _Trainee:
     def step(self) -> tuple[float, float, float]:
         """One optimizer step (forward, backward, step, projection): (wall s, process-CPU s, projection wall s)."""
         g = self.generator
-        x = self.images[torch.randint(0, len(self.images), (self.cfg.batch,), generator=g)]
+        index = torch.randint(0, len(self.images), (self.cfg.batch,), generator=g)
+        x, x_tilde = self.images[index], self.perturbed[index]
         wall, cpu = time.perf_counter(), time.process_time()
-        loss = self.model(x, x, generator=g)["loss"]
+        loss = self.model(x, x_tilde, generator=g)["loss"]
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         t0 = time.perf_counter()
@@ -164,11 +190,12 @@ def _run(cfg: ProjectionBenchConfig) -> dict:
     model = build_model(ModelConfig(preset=cfg.preset))
     size = model.model_config.image_size
     old, new = _images("smooth", cfg.n_old, size, cfg.seed), _images("texture", cfg.n_new, size, cfg.seed + 1)
+    old_perturbed, new_perturbed = _perturbed(old, cfg.seed), _perturbed(new, cfg.seed + 1)
     capture = CaptureConfig(images=1.0, ddim_steps=cfg.ddim_steps, seed=cfg.seed)
     task0 = CDADStrategy(ContinualConfig(capture=capture))
     task0.begin_task(0, model)
     t0 = time.perf_counter()
-    task0.end_task(0, model, _batches(old, cfg.batch), make_capture_forward(model, capture))
+    task0.end_task(0, model, _batches(old, cfg.batch, old_perturbed), make_capture_forward(model, capture))
     capture_s = time.perf_counter() - t0
     state, store = task0.state_dict(), task0.store
     layers = task0.protected_layers(model)
@@ -183,7 +210,7 @@ def _run(cfg: ProjectionBenchConfig) -> dict:
             strategy.load_state_dict(state)
         strategy.begin_task(1, copy_)
         starts[mode] = {n: m.weight.detach().double().clone() for n, m in finder(copy_).items()}
-        trainees[mode] = _Trainee(copy_, strategy, cfg, new)
+        trainees[mode] = _Trainee(copy_, strategy, cfg, new, new_perturbed)
     load_before = _load_average()
     blocks = _timed_blocks(trainees, cfg)
     load_after = _load_average()
@@ -210,7 +237,49 @@ def _run(cfg: ProjectionBenchConfig) -> dict:
         r["drift_vs_naive"] = r["old_reconstruction_drift"] / max(results["naive"]["old_reconstruction_drift"],
                                                                   1e-30)
     report = _summarise(cfg, store, layers, weights_bytes, capture_s, results, (load_before, load_after))
+    report["amn_drift"] = _amn_drift(cfg, model, state, old, old_perturbed, new, new_perturbed)
+    report["summary"] += "; " + report["amn_drift"]["summary"]
     return report
+
+
+def _amn_drift(cfg: ProjectionBenchConfig, model, state_with_perturbed: dict, old: torch.Tensor,
+               old_perturbed: torch.Tensor, new: torch.Tensor, new_perturbed: torch.Tensor) -> dict:
+    """Relative change of the AMN output on the task-0 perturbed images after task-1 training: naive, and the
+    update projection with bases captured on clean images only vs on clean + perturbed (the same steps)."""
+    capture = CaptureConfig(images=1.0, ddim_steps=cfg.ddim_steps, seed=cfg.seed, perturbed=False)
+    clean_only = CDADStrategy(ContinualConfig(capture=capture))
+    clean_only.end_task(0, copy.deepcopy(model), _batches(old, cfg.batch, old_perturbed),
+                        make_capture_forward(model, capture))
+    with torch.no_grad():
+        model.eval()
+        before = model.condition(old_perturbed)
+        before_clean = model.condition(old)
+    states = {"naive": None, "clean_only": clean_only.state_dict(), "clean_and_perturbed": state_with_perturbed}
+    drift = {}
+    for label, state in states.items():
+        trainee_model = copy.deepcopy(model).train()
+        strategy = NaiveStrategy() if state is None else CDADStrategy(ContinualConfig(project="update"))
+        if state is not None:
+            strategy.load_state_dict(state)
+        strategy.begin_task(1, trainee_model)
+        trainee = _Trainee(trainee_model, strategy, cfg, new, new_perturbed)
+        for _ in range(cfg.drift_steps):
+            trainee.step()
+        trainee_model.eval()
+        with torch.no_grad():
+            after = trainee_model.condition(old_perturbed)
+            after_clean = trainee_model.condition(old)
+        drift[label] = {"perturbed": float((after - before).norm() / before.norm()),
+                        "clean": float((after_clean - before_clean).norm() / before_clean.norm())}
+    naive = max(drift["naive"]["perturbed"], 1e-30)
+    for values in drift.values():
+        values["perturbed_vs_naive"] = values["perturbed"] / naive
+    summary = (f"AMN drift on old perturbed inputs after {cfg.drift_steps} task-1 steps: clean-only capture "
+               f"{drift['clean_only']['perturbed_vs_naive']:.3f}x naive, clean+perturbed "
+               f"{drift['clean_and_perturbed']['perturbed_vs_naive']:.3f}x naive")
+    print("  " + summary + f" (clean inputs: {drift['clean_only']['clean']:.2e} vs "
+          f"{drift['clean_and_perturbed']['clean']:.2e}; naive {drift['naive']['clean']:.2e})")
+    return {"steps": cfg.drift_steps, "relative_change": drift, "summary": summary}
 
 
 def _load_average() -> float | None:

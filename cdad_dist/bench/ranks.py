@@ -6,7 +6,9 @@ Fresh spawned processes give each configuration its own peak RSS and no state le
 from __future__ import annotations
 
 import os
+import queue as queue_module
 import socket
+import time
 from datetime import timedelta
 from typing import Any, Callable
 
@@ -38,13 +40,23 @@ def run_ranks(worker: Callable[[int, int, dict], dict], world: int, cfg: dict, *
     procs = [ctx.Process(target=_entry, args=(worker, r, world, port, cfg, queue)) for r in range(world)]
     for p in procs:
         p.start()
-    try:
-        reports = [queue.get(timeout=timeout) for _ in procs]
-    except Exception as exc:
-        for p in procs:
-            p.kill()
-        raise RuntimeError(f"{what}: no report from every one of {world} rank(s) (exit codes "
-                           f"{[p.exitcode for p in procs]}): {exc!r}") from None
+    reports: list[dict] = []
+    deadline = time.monotonic() + timeout
+    # Poll instead of one blocking get: a rank that dies (an exception, the OOM killer) leaves no report, and the
+    # others may wait in a collective for it; stop as soon as one exits without reporting.
+    while len(reports) < world:
+        try:
+            reports.append(queue.get(timeout=2.0))
+            continue
+        except queue_module.Empty:
+            pass
+        dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+        if dead or time.monotonic() > deadline:
+            for p in procs:
+                p.kill()
+            why = f"rank(s) {dead} exited with codes {[procs[r].exitcode for r in dead]}" if dead else \
+                f"no report within {timeout:.0f} s"
+            raise RuntimeError(f"{what}: {why} (the traceback is above, on stderr)")
     for p in procs:
         p.join(timeout=60)
     if any(p.exitcode != 0 for p in procs):

@@ -11,52 +11,16 @@ import dataclasses
 
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cdad_dist.continual.config import CAPTURE_MODES, CaptureConfig  # noqa: F401  (re-exported)
 from cdad_dist.continual.sketches import Sketch
 from cdad_dist.errors import ConfigError
 
-CAPTURE_MODES = ("trajectory", "random_t")
 _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
-
-
-@dataclass
-class CaptureConfig:
-    """Which forward passes feed the sketches after a task."""
-
-    mode: str = "trajectory"  # trajectory: DDIM steps from the start timestep as at test time; random_t
-    # int ≥ 1: images of the task over all ranks; float in (0, 1]: fraction of each class. Applied once, by the
-    # caller that streams the images (Trainer.capture_batches → eval_stream), never again by the strategy.
-    images: int | float = 0.1
-    max_columns_per_block: int | None = None  # None keeps every column of every block
-    seed: int = 0
-    ddim_steps: int = 10  # trajectory mode
-    random_timesteps: int = 10  # random_t mode: timesteps drawn per image
-    # Also capture each image's NSA-perturbed version, as training shows it (the AMN condition from x̃, and the
-    # U-Net input from x̃'s latent under denoise_from=perturbed): the directions those inputs use are protected
-    # too. Doubles the capture's forward passes.
-    perturbed: bool = True
-
-    def __post_init__(self) -> None:
-        if self.mode not in CAPTURE_MODES:
-            raise ConfigError(f"continual.capture.mode must be one of {CAPTURE_MODES}, got {self.mode!r}")
-        images = self.images
-        if isinstance(images, bool) or not isinstance(images, (int, float)):
-            raise ConfigError(f"continual.capture.images must be an int count or a float fraction, got {images!r}")
-        if isinstance(images, int) and images < 1:
-            raise ConfigError(f"continual.capture.images: a count must be >= 1, got {images}")
-        if isinstance(images, float) and not 0.0 < images <= 1.0:
-            raise ConfigError(f"continual.capture.images: a fraction must be in (0, 1], got {images}")
-        if self.max_columns_per_block is not None and self.max_columns_per_block < 1:
-            raise ConfigError("continual.capture.max_columns_per_block must be >= 1 or null, "
-                              f"got {self.max_columns_per_block}")
-        for key in ("ddim_steps", "random_timesteps"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"continual.capture.{key} must be >= 1, got {getattr(self, key)}")
 
 
 def layer_input_block(module: nn.Module, x: Tensor) -> Tensor:

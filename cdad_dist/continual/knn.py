@@ -13,35 +13,17 @@ stride-4 grid and concatenated.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from cdad_dist.continual.config import KnnConfig  # noqa: F401  (re-exported)
+from cdad_dist.continual.protocol import STATE_FORMAT, CapturePlan, ContinualStrategy, check_strategy_state
 from cdad_dist.errors import ConfigError
 
 KNN_LAYERS = {"efficientnet_lite0": ("stage1", "stage2"), "resnet50": ("layer2", "layer3"),
               "wide_resnet50_2": ("layer2", "layer3")}
-
-
-@dataclass
-class KnnConfig:
-    """``continual.knn``: the memory-bank baseline's options."""
-
-    input_size: int | None = None  # extractor input side; None: the model's image size
-    coreset: float = 1.0           # fraction of each class's patches kept by greedy k-center selection (1 = all)
-    coreset_dim: int = 128         # random projection used only to choose the coreset (PatchCore's trick)
-    query_chunk: int = 4096        # test patches per distance block (bounds memory)
-    sigma: float = 4.0             # Gaussian smoothing of the map, in image pixels
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.coreset <= 1.0:
-            raise ConfigError(f"continual.knn.coreset must be in (0, 1], got {self.coreset}")
-        if self.input_size is not None and self.input_size < 16:
-            raise ConfigError(f"continual.knn.input_size must be >= 16 or null, got {self.input_size}")
-        if self.coreset_dim < 1 or self.query_chunk < 1 or self.sigma < 0:
-            raise ConfigError("continual.knn: coreset_dim and query_chunk must be >= 1 and sigma >= 0")
 
 
 def patch_features(extractor, x: torch.Tensor, input_size: int | None) -> torch.Tensor:
@@ -106,70 +88,63 @@ def _gather(obj):
     return [obj]
 
 
-def make_knn_strategy(cfg):
-    from cdad_dist.continual.strategy import ContinualStrategy, check_strategy_state, STATE_FORMAT
-    from cdad_dist.eval.anomaly_map import gaussian_blur
-    from cdad_dist.eval.scoring import ScoredBatch
+class KnnStrategy(ContinualStrategy):
+    """Memory banks instead of training: the engine trains 0 steps and scores with the banks."""
 
-    class KnnStrategy(ContinualStrategy):
-        """Memory banks instead of training: the engine trains 0 steps and scores with the banks."""
+    name = "knn"
 
-        name = "knn"
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        self.knn: KnnConfig = cfg.knn
+        self.banks: dict[str, torch.Tensor] = {}
 
-        def __init__(self, knn: KnnConfig) -> None:
-            self.cfg = knn
-            self.banks: dict[str, torch.Tensor] = {}
-            self.extractor = None
-            self.image_size: int | None = None
+    def task_steps(self, task_index: int, sequence_steps: list[int]) -> int:
+        return 0
 
-        def bind(self, *, extractor, image_size: int) -> None:
-            self.extractor, self.image_size = extractor, image_size
+    def capture_plan(self, task_index: int) -> CapturePlan:
+        return CapturePlan(images=1.0, perturbed=False)  # every training image goes into the bank
 
-        def task_steps(self, task_index: int, steps: int) -> int:
-            return 0
+    @torch.no_grad()
+    def end_task(self, task_index, model, capture_batches, capture_forward) -> None:
+        extractor = self.context.extractor
+        if extractor is None:
+            raise ConfigError("knn: the engine did not bind a feature extractor before end_task")
+        rows: list[tuple[str, str, torch.Tensor]] = []
+        device = next(extractor.buffers()).device
+        for batch in capture_batches:
+            feats = patch_features(extractor, batch["image"].to(device), self.knn.input_size)
+            flat = feats.permute(0, 2, 3, 1).reshape(feats.shape[0], -1, feats.shape[1]).cpu()
+            rows += [(k, c, f) for k, c, f in zip(batch["key"], batch["cls"], flat)]
+        every = sorted((r for part in _gather(rows) for r in part), key=lambda r: (r[1], r[0]))
+        for cls in sorted({c for _, c, _ in every}):
+            bank = torch.cat([f for _, c, f in every if c == cls])
+            if self.knn.coreset < 1.0:
+                bank = bank[greedy_coreset(bank, self.knn.coreset, self.knn.coreset_dim, seed=task_index)]
+            self.banks[cls] = bank.contiguous()
 
-        def capture_images(self, configured):
-            return 1.0  # every training image goes into the bank
+    @torch.no_grad()
+    def score_batch(self, model, extractor, x, eval_cfg, generator, autocast=None):
+        from cdad_dist.eval.anomaly_map import gaussian_blur
+        from cdad_dist.eval.scoring import ScoredBatch
 
-        @torch.no_grad()
-        def end_task(self, task_index, model, capture_batches, capture_forward, accelerator=None) -> None:
-            if self.extractor is None:
-                raise ConfigError("knn: the engine did not bind a feature extractor before end_task")
-            rows: list[tuple[str, str, torch.Tensor]] = []
-            device = next(self.extractor.buffers()).device
-            for batch in capture_batches:
-                feats = patch_features(self.extractor, batch["image"].to(device), self.cfg.input_size)
-                flat = feats.permute(0, 2, 3, 1).reshape(feats.shape[0], -1, feats.shape[1]).cpu()
-                rows += [(k, c, f) for k, c, f in zip(batch["key"], batch["cls"], flat)]
-            every = sorted((r for part in _gather(rows) for r in part), key=lambda r: (r[1], r[0]))
-            for cls in sorted({c for _, c, _ in every}):
-                bank = torch.cat([f for _, c, f in every if c == cls])
-                if self.cfg.coreset < 1.0:
-                    bank = bank[greedy_coreset(bank, self.cfg.coreset, self.cfg.coreset_dim, seed=task_index)]
-                self.banks[cls] = bank.contiguous()
+        if not self.banks:
+            raise ConfigError("knn: no memory bank yet (score after the first task's end)")
+        feats = patch_features(self.context.extractor, x, self.knn.input_size)
+        b, c, h, w = feats.shape
+        queries = feats.permute(0, 2, 3, 1).reshape(-1, c)
+        bank = torch.cat(list(self.banks.values())).to(queries.device)
+        dist = nearest_distance(queries, bank, self.knn.query_chunk).reshape(b, 1, h, w)
+        maps = F.interpolate(dist, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
+        maps = gaussian_blur(maps, self.knn.sigma)
+        return ScoredBatch(x_hat=x.float(), maps=maps, scores=maps.flatten(1).amax(1), recon_s=0.0, map_s=0.0,
+                           denoise_s=0.0)
 
-        @torch.no_grad()
-        def score_batch(self, model, extractor, x, eval_cfg, generator, autocast=None):
-            if not self.banks:
-                raise ConfigError("knn: no memory bank yet (score after the first task's end)")
-            feats = patch_features(self.extractor, x, self.cfg.input_size)
-            b, c, h, w = feats.shape
-            queries = feats.permute(0, 2, 3, 1).reshape(-1, c)
-            bank = torch.cat(list(self.banks.values())).to(queries.device)
-            dist = nearest_distance(queries, bank, self.cfg.query_chunk).reshape(b, 1, h, w)
-            maps = F.interpolate(dist, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
-            maps = gaussian_blur(maps, self.cfg.sigma)
-            return ScoredBatch(x_hat=x.float(), maps=maps, scores=maps.flatten(1).amax(1), recon_s=0.0, map_s=0.0,
-                               denoise_s=0.0)
+    def summary(self) -> dict[str, Any]:
+        return summarize(self.banks)
 
-        def summary(self) -> dict[str, Any]:
-            return summarize(self.banks)
+    def state_dict(self) -> dict:
+        return {"format": STATE_FORMAT, "name": self.name, "banks": dict(self.banks)}
 
-        def state_dict(self) -> dict:
-            return {"format": STATE_FORMAT, "name": self.name, "banks": dict(self.banks)}
-
-        def load_state_dict(self, state: dict) -> None:
-            check_strategy_state(state, self.name)
-            self.banks = dict(state.get("banks", {}))
-
-    return KnnStrategy(cfg.knn)
+    def load_state_dict(self, state: dict) -> None:
+        check_strategy_state(state, self.name)
+        self.banks = dict(state.get("banks", {}))

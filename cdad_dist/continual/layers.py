@@ -5,33 +5,14 @@ is used as a matrix out × d with d = in·kh·kw (the layout of ``F.unfold``), t
 """
 from __future__ import annotations
 
-import fnmatch
 import logging
-from dataclasses import dataclass, field
 
 from torch import nn
 
+from cdad_dist.continual.config import LayerPatterns  # noqa: F401  (re-exported)
 from cdad_dist.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LayerPatterns:
-    """Glob patterns (``fnmatch``) on qualified names such as ``unet.down_blocks.0.resnets.0.conv1``."""
-
-    include: list[str] = field(default_factory=lambda: ["*"])
-    exclude: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        for key in ("include", "exclude"):
-            value = getattr(self, key)
-            if isinstance(value, str) or not all(isinstance(p, str) for p in value):
-                raise ConfigError(f"continual.layer_patterns.{key} must be a list of glob strings, got {value!r}")
-
-    def matches(self, name: str) -> bool:
-        included = any(fnmatch.fnmatchcase(name, p) for p in self.include)
-        return included and not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
 
 
 def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:

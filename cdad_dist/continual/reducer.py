@@ -1,8 +1,9 @@
 """Cross-rank reduction of per-layer sketches into one basis per layer, bit-identical on every rank.
 
 Every rank sketched only its own images. For each layer (sorted by name, so all ranks issue the same
-collectives) one *owner* rank receives the others' sketches — ``reduce`` (sum) of the Gram matrices, ``gather``
-of the iSVD factors U·Σ, merged in rank order — then finalises the layer (e.g. the GPM merge with the old basis).
+collectives) one *owner* rank receives the others' sketches, as the sketch declares (``Sketch.reduction``):
+``reduce`` (sum) of summed payloads such as Gram matrices, ``gather`` of merged ones such as iSVD factors U·Σ,
+folded in rank order — then finalises the layer (e.g. the GPM merge with the old basis).
 Owners are spread over ranks by estimated cost, so the decompositions of different layers run in parallel.
 Finally every basis is broadcast from its owner; since only the owner computes it, all ranks hold the same bytes,
 which a SHA-256 digest compared across ranks confirms. Only ``torch.distributed`` is used (gloo or NCCL); without
@@ -19,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from cdad_dist.continual.sketches import GramSketch, Sketch
+from cdad_dist.continual.sketches import Sketch
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +51,6 @@ def bases_digest(bases: dict[str, Tensor]) -> str:
         # flatten() gives a 1-D stride-1 tensor even for a d × 1 column with odd strides (e.g. from eigh)
         h.update(U.flatten().contiguous().view(torch.uint8).numpy().tobytes() if U.numel() else b"")
     return h.hexdigest()
-
-
-def _cost(sketch: Sketch, world: int) -> float:
-    d = sketch.d
-    if isinstance(sketch, GramSketch):
-        return float(d) ** 3
-    return float(d) ** 2 * max(1, sketch.factors().U.shape[1]) * world
 
 
 def assign_owners(costs: dict[str, float], world: int) -> dict[str, int]:
@@ -135,7 +129,7 @@ def reduce_and_finalize(sketches: dict[str, Sketch], finalize: Finalize, group=N
 def _agree_on_owners(sketches: dict[str, Sketch], names: list[str], world: int, device: torch.device,
                      group) -> dict[str, int]:
     """Owners from the summed local costs, so that every rank computes the same assignment."""
-    costs = torch.tensor([_cost(sketches[n], world) for n in names], dtype=torch.float64, device=device)
+    costs = torch.tensor([sketches[n].finalise_cost(world) for n in names], dtype=torch.float64, device=device)
     dist.all_reduce(costs, group=group)
     return assign_owners({n: float(c) for n, c in zip(names, costs.tolist())}, world)
 
@@ -144,7 +138,7 @@ def _reduce_to_owners(sketches: dict[str, Sketch], names: list[str], owners: dic
                       world: int, device: torch.device, group) -> list[str]:
     """After this, ``sketches[name]`` on its owner holds the merge of all ranks' sketches (entries of the dict are
     replaced); the other ranks' sketches of that layer are released. Returns the names this rank owns."""
-    gathered_names = [n for n in names if not isinstance(sketches[n], GramSketch)]
+    gathered_names = [n for n in names if sketches[n].reduction == "merge"]
     widths = torch.zeros(len(gathered_names), dtype=torch.int64, device=device)
     scalars = []
     for i, name in enumerate(gathered_names):
@@ -157,7 +151,7 @@ def _reduce_to_owners(sketches: dict[str, Sketch], names: list[str], owners: dic
     for name in names:
         owner = owners[name]
         sketch = sketches[name]
-        if isinstance(sketch, GramSketch):
+        if sketch.reduction == "sum":
             matrix, sc = sketch.to_payload()
             packed = [matrix.to(device), sc.to(device)]
             for t in packed:

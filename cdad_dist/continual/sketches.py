@@ -26,7 +26,7 @@ from torch import Tensor
 
 from cdad_dist.errors import ConfigError
 
-SKETCH_KINDS = ("auto", "isvd", "isvd_paper", "gram")
+SKETCH_KINDS = ("auto", "isvd", "isvd_paper", "gram")  # "auto" + the registry's kinds (continual/registry.py)
 
 
 def full_precision():
@@ -107,6 +107,10 @@ class Sketch(ABC):
     """Common interface of all sketches of a d-dimensional input space."""
 
     kind: str = "?"
+    # How the reducer combines the ranks' sketches of a layer: "sum" adds their payloads elementwise (a reduce to
+    # the owner, then ``set_payload``); "merge" gathers the payloads on the owner and folds them in rank order
+    # (``merge_payload``). The reducer reads only this, never the sketch's type.
+    reduction: str = "merge"
 
     def __init__(self, d: int, device: torch.device | str | None = None) -> None:
         if d < 1:
@@ -165,6 +169,14 @@ class Sketch(ABC):
     def nbytes(self) -> int:
         """Bytes of the tensors the sketch holds between updates."""
 
+    def finalise_cost(self, world: int) -> float:
+        """Relative cost of merging ``world`` payloads and decomposing (balances layer owners across ranks)."""
+        return float(self.d) ** 2 * max(1, self.factors().U.shape[1]) * world
+
+    def set_payload(self, matrix: Tensor, scalars: Tensor) -> None:
+        """Replace the state by a reduced payload (only sketches with ``reduction = "sum"``)."""
+        raise NotImplementedError(f"{type(self).__name__} is merged, not summed")
+
     @abstractmethod
     def clone_empty(self) -> Sketch:
         """A new, empty sketch with the same kind, d, options and device."""
@@ -191,6 +203,7 @@ class GramSketch(Sketch):
     """X·Xᵀ accumulated in float64. Memory 8·d² bytes; merge = sum; result = one eigh (cached)."""
 
     kind = "gram"
+    reduction = "sum"
 
     def __init__(self, d: int, device: torch.device | str | None = None) -> None:
         super().__init__(d, device)
@@ -235,6 +248,9 @@ class GramSketch(Sketch):
         self.n_columns = int(round(float(scalars[0])))
         self._eig = None
 
+    def finalise_cost(self, world: int) -> float:
+        return float(self.d) ** 3  # one eigh of d × d, whatever the number of ranks
+
     def _eigh(self) -> tuple[Tensor, Tensor]:
         if self._eig is None:
             G = self._gram()
@@ -253,6 +269,10 @@ class GramSketch(Sketch):
 
     def nbytes(self) -> int:
         return _bytes(self._G)
+
+    @classmethod
+    def from_options(cls, d: int, options: SketchOptions, device=None) -> GramSketch:
+        return cls(d, device=device)
 
     def clone_empty(self) -> GramSketch:
         other = GramSketch(self.d, device=self.device)
@@ -373,6 +393,15 @@ class IsvdSketch(Sketch):
     def nbytes(self) -> int:
         return _bytes(self._U, self._S, *self._pending)
 
+    @classmethod
+    def from_options(cls, d: int, options: SketchOptions, device=None) -> IsvdSketch:
+        carry = options.carry_gamma if options.carry_gamma is not None else 1.0 - (1.0 - options.gamma) / 10.0
+        buffer = options.buffer_columns
+        if buffer is None and options.kind == "auto":
+            buffer = options.choice(d).buffer_columns
+        return cls(d, carry_gamma=carry, max_rank=options.max_rank, dtype=options.dtype, device=device,
+                   chunk_columns=options.chunk_columns, buffer_columns=buffer)
+
     def clone_empty(self) -> IsvdSketch:
         return IsvdSketch(self.d, carry_gamma=self.carry_gamma, max_rank=self.max_rank, dtype=self.dtype,
                           device=self.device, chunk_columns=self.chunk_columns, buffer_columns=self.buffer_columns)
@@ -398,6 +427,10 @@ class IsvdPaperSketch(Sketch):
         self.gamma = float(gamma)
         self.dtype = dtype
         self._U: Tensor | None = None
+
+    @classmethod
+    def from_options(cls, d: int, options: SketchOptions, device=None) -> IsvdPaperSketch:
+        return cls(d, gamma=options.gamma, dtype=options.dtype, device=device)
 
     def _fold(self, matrix: Tensor) -> None:
         matrix = matrix.to(device=self.device, dtype=self.dtype)
@@ -472,15 +505,7 @@ class SketchOptions:
 
 
 def make_sketch(d: int, options: SketchOptions, device: torch.device | str | None = None) -> Sketch:
-    """Build the sketch ``options`` asks for a layer with input dimension d."""
-    kind = options.resolved_kind(d)
-    if kind == "gram":
-        return GramSketch(d, device=device)
-    if kind == "isvd_paper":
-        return IsvdPaperSketch(d, gamma=options.gamma, dtype=options.dtype, device=device)
-    carry = options.carry_gamma if options.carry_gamma is not None else 1.0 - (1.0 - options.gamma) / 10.0
-    buffer = options.buffer_columns
-    if buffer is None and options.kind == "auto":
-        buffer = options.choice(d).buffer_columns
-    return IsvdSketch(d, carry_gamma=carry, max_rank=options.max_rank, dtype=options.dtype, device=device,
-                      chunk_columns=options.chunk_columns, buffer_columns=buffer)
+    """Build the sketch ``options`` asks for a layer with input dimension d (the class from the registry)."""
+    from cdad_dist.continual.registry import SKETCH_REGISTRY, resolve
+
+    return resolve(SKETCH_REGISTRY, options.resolved_kind(d), "continual.sketch").from_options(d, options, device)

@@ -9,168 +9,48 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
+import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from cdad_dist.continual.capture import CaptureConfig, FeatureCapture
-from cdad_dist.continual.knn import KnnConfig
-from cdad_dist.continual.layers import (LayerPatterns, discover_protected, freeze_unprotected, input_dim,
-                                        protected_weight_bytes)
+from cdad_dist.continual.baselines import JointStrategy, NaiveStrategy  # noqa: F401  (re-exported)
+from cdad_dist.continual.capture import FeatureCapture
+from cdad_dist.continual.config import CaptureConfig, ContinualConfig  # noqa: F401  (re-exported)
+from cdad_dist.continual.layers import discover_protected, freeze_unprotected, input_dim, protected_weight_bytes
 from cdad_dist.continual.memory import gpm_merge, gpm_merge_gram_compact
-from cdad_dist.continual.projector import PROJECT_MODES, Projector
+from cdad_dist.continual.projector import Projector
+from cdad_dist.continual.protocol import (STATE_FORMAT, Backend, CapturePlan, ContinualStrategy,  # noqa: F401
+                                          build_strategy, check_strategy_state)
 from cdad_dist.continual.reducer import comm_device, dist_info, reduce_and_finalize
-from cdad_dist.continual.sketches import (SKETCH_KINDS, GramSketch, Sketch, SketchOptions, full_precision,
-                                          make_sketch)
+from cdad_dist.continual.sketches import GramSketch, Sketch, SketchOptions, full_precision, make_sketch
 from cdad_dist.continual.store import BasisStore, basis_dtype, compact_form
-from cdad_dist.engine.accel import zero_stage
 from cdad_dist.errors import CdadError, CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("naive", "joint", "cdad", "knn")
-STATE_FORMAT = "cdad-strategy/1"
+
+def sketch_options(cfg: ContinualConfig) -> SketchOptions:
+    """How ``make_sketch`` builds each layer's sketch under these options."""
+    return SketchOptions(kind="isvd_paper" if cfg.paper_faithful else cfg.sketch, gamma=cfg.gamma,
+                         memory_budget_mb=cfg.memory_budget_mb, carry_gamma=cfg.isvd_carry_gamma,
+                         max_rank=cfg.isvd_max_rank, buffer_columns=cfg.isvd_buffer_columns,
+                         rank_fraction=cfg.plan_rank_fraction)
 
 
-@dataclass
-class ContinualConfig:
-    """Options of the continual core (``continual:`` in the run config)."""
-
-    strategy: str = "cdad"
-    sketch: str = "auto"  # auto | isvd | isvd_paper | gram
-    gamma: float = 0.999
-    project: str = "update"  # update (holds under AdamW) | grad (paper; exact only for SGD)
-    paper_faithful: bool = False  # paper's unscaled iSVD + Eq. 6 cross-task merge
-    layer_patterns: LayerPatterns = field(default_factory=LayerPatterns)
-    freeze_unprotected: bool = True  # in incremental tasks, requires_grad=False on everything but protected weights
-    capture: CaptureConfig = field(default_factory=CaptureConfig)
-    knn: KnnConfig = field(default_factory=KnnConfig)  # the `knn` baseline's memory banks
-    memory_budget_mb: float = 256.0  # per layer: auto's cost model keeps each sketch's peak within it
-    basis_dtype: str = "float32"
-    isvd_carry_gamma: float | None = None  # None = 1 - (1 - gamma) / 10
-    isvd_max_rank: int | None = None
-    isvd_buffer_columns: int | None = None  # columns buffered per SVD fold; None: d (isvd) or budget-sized (auto)
-    plan_rank_fraction: float = 0.25  # basis rank / d assumed by auto's cost model and `cdad plan`
-    sketch_device: str | None = None  # None: where the activations are
-
-    def __post_init__(self) -> None:
-        if isinstance(self.layer_patterns, dict):
-            self.layer_patterns = _build(LayerPatterns, self.layer_patterns, "continual.layer_patterns")
-        if isinstance(self.capture, dict):
-            self.capture = _build(CaptureConfig, self.capture, "continual.capture")
-        if isinstance(self.knn, dict):
-            self.knn = _build(KnnConfig, self.knn, "continual.knn")
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"continual.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        if self.sketch not in SKETCH_KINDS:
-            raise ConfigError(f"continual.sketch must be one of {SKETCH_KINDS}, got {self.sketch!r}")
-        if self.project not in PROJECT_MODES:
-            raise ConfigError(f"continual.project must be one of {PROJECT_MODES}, got {self.project!r}")
-        if not 0.0 <= self.gamma <= 1.0:
-            raise ConfigError(f"continual.gamma must be in [0, 1], got {self.gamma}")
-        if self.paper_faithful and self.sketch not in ("auto", "isvd_paper"):
-            raise ConfigError(f"continual.paper_faithful uses the paper's iSVD; continual.sketch={self.sketch!r} "
-                              "contradicts it (use auto or isvd_paper)")
-        if self.memory_budget_mb <= 0:
-            raise ConfigError(f"continual.memory_budget_mb must be > 0, got {self.memory_budget_mb}")
-        if self.isvd_buffer_columns is not None and self.isvd_buffer_columns < 1:
-            raise ConfigError(f"continual.isvd_buffer_columns must be >= 1 or null, got {self.isvd_buffer_columns}")
-        if not 0.0 < self.plan_rank_fraction <= 1.0:
-            raise ConfigError(f"continual.plan_rank_fraction must be in (0, 1], got {self.plan_rank_fraction}")
-        basis_dtype(self.basis_dtype)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ContinualConfig:
-        return _build(cls, data, "continual")
-
-    def sketch_options(self) -> SketchOptions:
-        return SketchOptions(kind="isvd_paper" if self.paper_faithful else self.sketch, gamma=self.gamma,
-                             memory_budget_mb=self.memory_budget_mb, carry_gamma=self.isvd_carry_gamma,
-                             max_rank=self.isvd_max_rank, buffer_columns=self.isvd_buffer_columns,
-                             rank_fraction=self.plan_rank_fraction)
-
-
-def _build(cls, data: dict, where: str):
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
-    return cls(**data)
-
-
-class ContinualStrategy:
-    """No-op base: plain fine-tuning. Subclasses override what they need."""
-
-    name = "base"
-
-    def begin_task(self, task_index: int, model: nn.Module, accelerator=None) -> None:
-        pass
-
-    def before_optimizer_step(self, model: nn.Module) -> None:
-        pass
-
-    def after_optimizer_step(self, model: nn.Module) -> None:
-        pass
-
-    def end_task(self, task_index: int, model: nn.Module, capture_batches: Iterable[dict],
-                 capture_forward: Callable[[dict], None], accelerator=None) -> None:
-        """After task `task_index`: consume every batch of `capture_batches` (this rank's share of the images
-        chosen by the caller; a strategy never subsamples them again) through `capture_forward`."""
-
-    def bind(self, *, extractor: nn.Module, image_size: int) -> None:
-        """The engine hands over the run's frozen feature extractor and image size before the first task."""
-
-    def task_steps(self, task_index: int, steps: int) -> int:
-        """Optimizer steps of a task (the configured budget; a training-free strategy returns 0)."""
-        return steps
-
-    def capture_images(self, configured: int | float) -> int | float:
-        """How many training images `end_task` sees (count or fraction); default: `continual.capture.images`."""
-        return configured
-
-    def score_batch(self, model: nn.Module, extractor: nn.Module, x: torch.Tensor, eval_cfg, generator,
-                    autocast=None):
-        """A ScoredBatch when the strategy detects by other means than the model's reconstruction, else None.
-
-        ``generator``: one torch.Generator per image of ``x`` (``eval.reconstruct.image_generators``): randomness
-        drawn from image i's own generator keeps its score independent of the batch."""
-        return None
-
-    def optimizer_param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
-        """Explicit parameter groups of the trainable parameters (engine may pass them to the optimizer)."""
-        params = [p for p in model.parameters() if p.requires_grad]
-        return [{"params": params, "weight_decay": weight_decay}]
-
-    def state_dict(self) -> dict:
-        return {"format": STATE_FORMAT, "name": self.name}
-
-    def load_state_dict(self, state: dict) -> None:
-        check_strategy_state(state, self.name)
-
-
-def check_strategy_state(state: dict, name: str) -> None:
-    if state.get("format") != STATE_FORMAT:
-        raise CheckpointError(f"continual strategy state: format {state.get('format')!r}, expected {STATE_FORMAT!r}")
-    if state.get("name") != name:
-        raise CheckpointError(f"continual strategy state was saved by strategy {state.get('name')!r}, "
-                              f"this run uses {name!r}")
-
-
-class NaiveStrategy(ContinualStrategy):
-    """Fine-tuning task after task: the forgetting baseline."""
-
-    name = "naive"
-
-
-class JointStrategy(NaiveStrategy):
-    """Joint training on all classes; the engine collapses the sequence into one task."""
-
-    name = "joint"
+def layer_class(name: str) -> str:
+    """A protected layer's class for reports: its network and block role, e.g. ``unet.attention``."""
+    top = name.split(".", 1)[0]
+    if re.search(r"attn|attentions", name):
+        role = "attention"
+    elif "resnets" in name or re.search(r"conv\d|conv_shortcut", name):
+        role = "resnet"
+    else:
+        role = "other"
+    return f"{top}.{role}"
 
 
 class CDADStrategy(ContinualStrategy):
@@ -178,8 +58,9 @@ class CDADStrategy(ContinualStrategy):
 
     name = "cdad"
 
-    def __init__(self, cfg: ContinualConfig) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: ContinualConfig | None = None) -> None:
+        super().__init__(cfg or ContinualConfig())
+        cfg = self.cfg
         self.store = BasisStore(gamma=cfg.gamma)
         self.tasks_done = 0
         self.history: list[dict] = []
@@ -197,8 +78,8 @@ class CDADStrategy(ContinualStrategy):
         return self._layers[1]
 
     # -- training hooks --------------------------------------------------------------------------------------------
-    def begin_task(self, task_index: int, model: nn.Module, accelerator=None) -> None:
-        deepspeed = self._check_backend(accelerator)
+    def begin_task(self, task_index: int, model: nn.Module) -> None:
+        deepspeed = self._check_backend(self.context.backend)
         self._close_projector()
         layers = self.protected_layers(model)
         if task_index > 0 and self.cfg.freeze_unprotected:
@@ -218,14 +99,13 @@ class CDADStrategy(ContinualStrategy):
                  "parameters frozen", task_index, len(layers), len(self._projector.names) if self._projector else 0,
                  self.cfg.project, len(self.saturated), len(self.frozen))
 
-    def _check_backend(self, accelerator) -> bool:
+    def _check_backend(self, backend: Backend) -> bool:
         """Refuse backends where the projection would hit sharded weights; True under DeepSpeed ZeRO-1/2, whose
         optimizer keeps fp32 master weights that the update projection must write too."""
-        kind = str(getattr(accelerator, "distributed_type", "") or "").upper()
-        if "FSDP" in kind:
+        if "FSDP" in backend.distributed.upper():
             raise ConfigError("continual.strategy=cdad does not support FSDP (protected weights are sharded "
                               "flat parameters); use DDP or DeepSpeed ZeRO-2")
-        stage = zero_stage(accelerator)
+        stage = backend.zero_stage
         if stage is None:
             return False
         if stage >= 3:
@@ -264,8 +144,13 @@ class CDADStrategy(ContinualStrategy):
             self._projector = None
 
     # -- memory ------------------------------------------------------------------------------------------------------
+    def capture_plan(self, task_index: int) -> CapturePlan:
+        """The configured share of the task's training images, with their perturbed versions (as training shows
+        them to the AMN) when ``continual.capture.perturbed``."""
+        return CapturePlan(images=self.cfg.capture.images, perturbed=self.cfg.capture.perturbed)
+
     def end_task(self, task_index: int, model: nn.Module, capture_batches: Iterable[dict],
-                 capture_forward: Callable[[dict], None], accelerator=None) -> None:
+                 capture_forward: Callable[[dict], None]) -> None:
         if task_index < self.tasks_done:
             raise CdadError(f"cdad: end_task({task_index}) called again; the bases already include tasks "
                             f"0..{self.tasks_done - 1}")
@@ -288,7 +173,7 @@ class CDADStrategy(ContinualStrategy):
                      100 * summary["relative_to_weights"], result.digest)
 
     def _new_sketches(self, layers: dict[str, nn.Module], rank: int) -> dict[str, Sketch]:
-        options = self.cfg.sketch_options()
+        options = sketch_options(self.cfg)
         sketches = {}
         for name, module in layers.items():
             device = self.cfg.sketch_device or module.weight.device
@@ -349,7 +234,10 @@ class CDADStrategy(ContinualStrategy):
             count = torch.tensor([images], dtype=torch.long, device=comm_device())
             torch.distributed.all_reduce(count)
             images_all = int(count)
+        k_all = sum(self.store.rank(n) for n in self.store.bases)
+        d_all = sum(self.store.dim(n) for n in self.store.bases)
         return {"task": task_index, "digest": result.digest, "images": images_all, "images_this_rank": images,
+                "fill_fraction": k_all / max(1, d_all),
                 "k_total": sum(self.store.rank(n) for n in self.store.bases), "bytes": self.store.total_bytes(),
                 "complement_layers": len(self.store.complement),
                 "relative_to_weights": self.store.relative_to(weights), "layers_without_inputs": empty,
@@ -362,6 +250,32 @@ class CDADStrategy(ContinualStrategy):
                 "k": {n: self.store.rank(n) for n in self.store.bases},
                 "d": {n: self.store.dim(n) for n in self.store.bases},
                 "complement": sorted(self.store.complement)}
+
+    def summary(self) -> dict[str, Any]:
+        """Per layer class: count, k and d (sums), fill fraction Σk/Σd; overall bytes vs the protected weights,
+        complement-stored and frozen layers. Empty before the first task end."""
+        if not self.store.bases:
+            return {"tasks_done": self.tasks_done}
+        classes: dict[str, dict[str, int]] = {}
+        for name in sorted(self.store.bases):
+            row = classes.setdefault(layer_class(name), {"layers": 0, "k": 0, "d": 0, "d_min": 1 << 62, "d_max": 0})
+            k, d = self.store.rank(name), self.store.dim(name)
+            row["layers"] += 1
+            row["k"] += k
+            row["d"] += d
+            row["d_min"], row["d_max"] = min(row["d_min"], d), max(row["d_max"], d)
+        for row in classes.values():
+            row["fill"] = row["k"] / max(1, row["d"])
+        k_all = sum(r["k"] for r in classes.values())
+        d_all = sum(r["d"] for r in classes.values())
+        last = self.history[-1] if self.history else {}
+        return {"tasks_done": self.tasks_done, "fill_fraction": k_all / max(1, d_all), "k_total": k_all,
+                "d_total": d_all, "bytes": self.store.total_bytes(),
+                "bytes_vs_protected_weights": last.get("relative_to_weights"),
+                "complement_layers": len(self.store.complement),
+                "saturated_layers": sum(self.store.rank(n) == self.store.dim(n) for n in self.store.bases),
+                "frozen_unprotected_params": len(self.frozen), "capture_images": last.get("images"),
+                "fill_per_task": [h.get("fill_fraction") for h in self.history], "layer_classes": classes}
 
     def export_bases(self, directory) -> Any:
         """Write the current bases as ``bases_task<t>.safetensors`` (atomic); call on one rank."""
@@ -398,17 +312,3 @@ class CDADStrategy(ContinualStrategy):
         anchor = state.get("anchor")
         self._pending_anchor = (int(anchor["task"]), dict(anchor["weights"])) if anchor else None
 
-
-def build_strategy(cfg: ContinualConfig | dict) -> ContinualStrategy:
-    """The strategy ``cfg.strategy`` names."""
-    if isinstance(cfg, dict):
-        cfg = ContinualConfig.from_dict(cfg)
-    if cfg.strategy == "naive":
-        return NaiveStrategy()
-    if cfg.strategy == "joint":
-        return JointStrategy()
-    if cfg.strategy == "knn":
-        from cdad_dist.continual.knn import make_knn_strategy
-
-        return make_knn_strategy(cfg)
-    return CDADStrategy(cfg)

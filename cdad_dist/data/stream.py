@@ -394,6 +394,40 @@ def train_stream(shard_dir: str | os.PathLike, classes: Sequence[str], *, cfg: S
     return TrainStream(_TrainDataset(shards, cfg, epoch_start, perturber, rank, world_size, skip_batches))
 
 
+def split_batch_size(batch_size: int, weights: Sequence[float]) -> list[int]:
+    """Whole samples per source for one batch: proportional to ``weights`` (largest remainder, ties to the first
+    source), and at least one for every source with a positive weight when the batch has room for each."""
+    if batch_size < 1 or not weights or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(f"cannot split a batch of {batch_size} by weights {list(weights)}")
+    total = float(sum(weights))
+    exact = [batch_size * w / total for w in weights]
+    sizes = [int(math.floor(e)) for e in exact]
+    order = sorted(range(len(weights)), key=lambda i: (-(exact[i] - sizes[i]), i))
+    for i in order[: batch_size - sum(sizes)]:
+        sizes[i] += 1
+    positive = [i for i, w in enumerate(weights) if w > 0]
+    if len(positive) <= batch_size:
+        for i in positive:
+            if sizes[i] == 0:  # take one from the largest source
+                j = max(range(len(sizes)), key=lambda k: (sizes[k], -k))
+                sizes[j] -= 1
+                sizes[i] += 1
+    return sizes
+
+
+def concat_batches(batches: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One batch from several (same keys): tensors concatenated along dim 0, lists joined, in source order."""
+    keys = set(batches[0])
+    for b in batches[1:]:
+        if set(b) != keys:
+            raise ConfigError(f"cannot mix batches with different fields: {sorted(keys)} vs {sorted(b)}")
+    out: dict[str, Any] = {}
+    for key in batches[0]:
+        values = [b[key] for b in batches]
+        out[key] = torch.cat(values) if isinstance(values[0], torch.Tensor) else [v for part in values for v in part]
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # evaluation stream
 

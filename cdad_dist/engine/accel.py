@@ -120,3 +120,13 @@ def fill_deepspeed_config(accelerator: Accelerator, *, micro_batch_size: int, ma
     if config.get("train_batch_size") == "auto":
         config["train_batch_size"] = (config["train_micro_batch_size_per_gpu"] * accelerator.num_processes
                                       * accelerator.gradient_accumulation_steps)
+
+
+def describe_backend(accelerator: Accelerator):
+    """The ``Backend`` a strategy sees (continual/ never imports the engine or Accelerate)."""
+    from cdad_dist.continual.protocol import Backend
+
+    kind = str(getattr(accelerator, "distributed_type", "NO") or "NO")
+    return Backend(distributed=kind.rsplit(".", 1)[-1].upper(), zero_stage=zero_stage(accelerator),
+                   world=int(accelerator.num_processes), rank=int(accelerator.process_index),
+                   device=str(accelerator.device))

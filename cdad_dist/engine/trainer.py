@@ -9,6 +9,7 @@ for each task t of the sequence:
 """
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -20,12 +21,13 @@ from safetensors.torch import load_file
 
 from cdad_dist.config import RunConfig, config_to_dict
 from cdad_dist.continual.capture import make_capture_forward
-from cdad_dist.continual.strategy import build_strategy
+from cdad_dist.continual.protocol import CapturePlan, StrategyContext, TrainingSource, build_strategy
 from cdad_dist.data.perturb import NSAPerturber
 from cdad_dist.data.sequences import resolve_sequence
 from cdad_dist.data.shards import manifest_classes
-from cdad_dist.data.stream import StreamConfig, eval_stream, steps_per_epoch, train_stream
-from cdad_dist.engine.accel import fill_deepspeed_config, make_accelerator
+from cdad_dist.data.stream import (StreamConfig, concat_batches, eval_stream, split_batch_size, steps_per_epoch,
+                                   train_stream)
+from cdad_dist.engine.accel import describe_backend, fill_deepspeed_config, make_accelerator
 from cdad_dist.engine.checkpoint import (
     CheckpointRef,
     latest_checkpoint,
@@ -103,10 +105,8 @@ class ContinualTrainer:
         self.manifest = ensure_shards(cfg.data, acc, self.log)
         sequence = resolve_sequence(cfg.sequence, available_classes=manifest_classes(self.manifest))
         self.sequence_tasks = sequence.tasks
-        if cfg.continual.strategy == "joint":  # the upper bound: every class of the sequence at once
-            self.tasks = [[c for task in sequence.tasks for c in task]]
-        else:
-            self.tasks = sequence.tasks
+        self.strategy = build_strategy(cfg.continual)
+        self.tasks = self.strategy.plan_tasks(sequence.tasks)  # e.g. joint: every class of the sequence at once
         task_slice(cfg.tasks, len(self.tasks))  # a bad --tasks fails before the run directory exists
         self.run_dir = prepare_run_dir(cfg, self.tasks, resume=resume, accelerator=acc)
         self.ckpt_root = self.run_dir / "checkpoints"
@@ -114,11 +114,12 @@ class ContinualTrainer:
 
         set_seed(cfg.train.seed)  # python, numpy and torch RNGs on every rank
         self.model = build_model(cfg.model).to(acc.device)
-        self.strategy = build_strategy(cfg.continual)
         self.matrix = AccuracyMatrix()
         self.image_size = resolve_config(cfg.model).image_size
         self.evaluator = Evaluator(cfg.eval, cfg.data, self.image_size, acc, self.run_dir)
-        self.strategy.bind(extractor=self.evaluator.extractor, image_size=self.image_size)
+        self.strategy.bind(StrategyContext(extractor=self.evaluator.extractor, image_size=self.image_size,
+                                           run_dir=self.run_dir, shards=cfg.data.shards,
+                                           backend=describe_backend(acc)))
         self.global_step = 0
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         self.wrapped_model: torch.nn.Module | None = None  # the current task's DDP module / DeepSpeed engine
@@ -145,9 +146,6 @@ class ContinualTrainer:
         """Start after another run's task end: its weights and accuracy rows, then this run's strategy replays
         `end_task` for the finished tasks (for CDAD: the basis of each on its own images, with these weights; exact
         for one finished task, the usual case of a shared base task)."""
-        if self.cfg.continual.strategy == "joint":
-            raise ConfigError("train.init_from: a joint run trains every class as one task and cannot start "
-                              "after another run's task")
         ref = resolve_task_end(source)
         state = read_state(ref.path)
         done = ref.task + 1
@@ -172,8 +170,7 @@ class ContinualTrainer:
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict[str, Any]:
         for t in self.replay_tasks:
-            self.strategy.end_task(t, self.model, self.capture_batches(self.tasks[t], t), self.capture_forward(t),
-                                   self.accelerator)
+            self.strategy.end_task(t, self.model, self.capture_batches(self.tasks[t], t), self.capture_forward(t))
         for t in task_slice(self.cfg.tasks, len(self.tasks)):
             if t < self.position.task:
                 continue
@@ -181,19 +178,22 @@ class ContinualTrainer:
         self.accelerator.end_training()
         return self.matrix.to_dict()
 
-    def task_steps(self, t: int) -> int:
+    def sequence_steps(self) -> list[int]:
+        """The configured step budget of each task of the sequence (the strategy turns it into its own tasks')."""
         train = self.cfg.train
-        if self.cfg.continual.strategy == "joint":
-            n_seq = len(self.sequence_tasks)
-            return train.base_steps + train.incremental_steps * (n_seq - 1)
-        epochs = train.base_epochs if t == 0 else train.incremental_epochs
-        if epochs > 0:
-            per_epoch = steps_per_epoch(
-                self.manifest, self.tasks[t], self.cfg.data.batch_size * train.grad_accum,
-                self.accelerator.num_processes,
-            )
-            return self.strategy.task_steps(t, max(1, round(epochs * per_epoch)))
-        return self.strategy.task_steps(t, train.base_steps if t == 0 else train.incremental_steps)
+        budget = []
+        for i, classes in enumerate(self.sequence_tasks):
+            epochs = train.base_epochs if i == 0 else train.incremental_epochs
+            if epochs > 0:
+                per_epoch = steps_per_epoch(self.manifest, classes, self.cfg.data.batch_size * train.grad_accum,
+                                            self.accelerator.num_processes)
+                budget.append(max(1, round(epochs * per_epoch)))
+            else:
+                budget.append(train.base_steps if i == 0 else train.incremental_steps)
+        return budget
+
+    def task_steps(self, t: int) -> int:
+        return self.strategy.task_steps(t, self.sequence_steps())
 
     def run_task(self, t: int) -> None:
         acc, cfg = self.accelerator, self.cfg
@@ -205,7 +205,7 @@ class ContinualTrainer:
 
         if needs_calibration(self.model, cfg.model.latent_scaling):  # first task of a fresh run only
             calibrate_latents(self.model, self.train_images(classes), acc, self.log)
-        self.strategy.begin_task(t, self.model, acc)
+        self.strategy.begin_task(t, self.model)
         param_groups = self.strategy.optimizer_param_groups(self.model, cfg.train.weight_decay)
         trainable = [p for group in param_groups for p in group["params"]]
         if cfg.train.optimizer == "sgd":  # GPM's guarantee for `project: grad` assumes SGD
@@ -231,7 +231,7 @@ class ContinualTrainer:
         if not (resuming_here and self.position.task_done):
             self.train_task(t, ddp_model, optimizer, scheduler, trainable, steps, start_step)
             self.save(t, steps, task_end=False, training_done=True)
-        self.strategy.end_task(t, self.model, self.capture_batches(classes, t), self.capture_forward(t), acc)
+        self.strategy.end_task(t, self.model, self.capture_batches(classes, t), self.capture_forward(t))
         results = self.evaluator.evaluate(self.model, self.seen_classes(t), after_task=t,
                                           scorer=self.strategy.score_batch)
         for cls, metrics in results.items():
@@ -247,24 +247,7 @@ class ContinualTrainer:
 
     def train_task(self, t, ddp_model, optimizer, scheduler, trainable, steps: int, start_step: int) -> None:
         acc, cfg = self.accelerator, self.cfg
-        stream_cfg = StreamConfig(
-            batch_size=cfg.data.batch_size,
-            image_size=self.image_size,
-            num_workers=cfg.data.num_workers,
-            shuffle_buffer=cfg.data.shuffle_buffer,
-            seed=cfg.train.seed + 1000 * t,
-        )
-        batches: Iterator[dict] = iter(
-            train_stream(
-                cfg.data.shards,
-                self.tasks[t],
-                cfg=stream_cfg,
-                perturber=NSAPerturber(cfg.data.nsa),
-                rank=acc.process_index,
-                world_size=acc.num_processes,
-                skip_batches=start_step * cfg.train.grad_accum,
-            )
-        )
+        batches = self.training_batches(t, start_step)
         ddp_model.train()
         self.loss_balance = LossBalanceWatch(cfg.train.loss_balance_warn, cfg.model.lambda_amn, self.log)
         bad_in_a_row = 0
@@ -294,6 +277,26 @@ class ContinualTrainer:
             if every and (step + 1) % every == 0 and step + 1 < steps:
                 self.save(t, step + 1, task_end=False)
 
+    def training_batches(self, t: int, start_step: int) -> Iterator[dict]:
+        """Task t's batches from the strategy's sources (default: the task's classes), each source its own
+        seeded, resumable stream with its share of every batch (e.g. replayed old classes)."""
+        cfg = self.cfg
+        sources: list[TrainingSource] = self.strategy.training_sources(t, self.tasks[t])
+        sizes = split_batch_size(cfg.data.batch_size, [s.weight for s in sources])
+        streams = []
+        for i, (source, size) in enumerate(zip(sources, sizes)):
+            if size == 0:
+                continue
+            stream_cfg = StreamConfig(batch_size=size, image_size=self.image_size, num_workers=cfg.data.num_workers,
+                                      shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.train.seed + 1000 * t + 7919 * i)
+            streams.append(iter(train_stream(
+                source.shards or cfg.data.shards, list(source.classes), cfg=stream_cfg,
+                perturber=NSAPerturber(cfg.data.nsa), rank=self.accelerator.process_index,
+                world_size=self.accelerator.num_processes, skip_batches=start_step * cfg.train.grad_accum)))
+        if len(streams) == 1:
+            return streams[0]
+        return (concat_batches([next(s) for s in streams]) for _ in itertools.count())
+
     def train_step(self, ddp_model, optimizer, scheduler, trainable, batches, t: int, step: int) -> dict[str, Any]:
         """One optimizer step: `grad_accum` micro-batches, clipping, the strategy's hooks around the step.
 
@@ -305,12 +308,15 @@ class ContinualTrainer:
         totals: dict[str, float] = {}
         finite_all = True
         for micro in range(cfg.train.grad_accum):
-            batch = next(batches)
+            batch = self.strategy.transform_batch(next(batches), t)
             generator = step_generator(cfg.train.seed, t, step * cfg.train.grad_accum + micro, acc.process_index)
             with acc.accumulate(ddp_model):
                 out = ddp_model(
                     batch["image"].to(acc.device), batch["perturbed"].to(acc.device), generator=generator
                 )
+                extra = self.strategy.extra_loss(self.model, batch, out)
+                if extra is not None:  # the strategy's own term (e.g. a distillation loss), logged on its own
+                    out = {**out, "loss": out["loss"] + extra, "strategy_loss": extra}
                 # Every rank must take the same decision, or DDP's collectives would hang.
                 finite = acc.reduce(torch.isfinite(out["loss"].detach()).float().reshape(1), "min").item() > 0
                 finite_all = finite_all and finite
@@ -354,8 +360,11 @@ class ContinualTrainer:
                            world_size=self.accelerator.num_processes)
 
     def capture_batches(self, classes: list[str], t: int):
-        cap = self.cfg.continual.capture
-        images = self.strategy.capture_images(cap.images)
+        """This rank's share of the images the strategy's capture plan asks for (nothing without a plan)."""
+        plan: CapturePlan | None = self.strategy.capture_plan(t)
+        if plan is None:
+            return []
+        images = plan.images
         stream = eval_stream(
             self.cfg.data.shards,
             classes,
@@ -366,8 +375,8 @@ class ContinualTrainer:
             world_size=self.accelerator.num_processes,
             total=images if isinstance(images, int) else None,  # the one place the selection is applied
             fraction=images if isinstance(images, float) else None,
-            seed=cap.seed,
-            perturber=NSAPerturber(self.cfg.data.nsa) if cap.perturbed else None,
+            seed=self.cfg.continual.capture.seed,
+            perturber=NSAPerturber(self.cfg.data.nsa) if plan.perturbed else None,
         )
         return progress(stream, desc=f"task {t} basis capture ({stream.num_samples} images on this rank)",
                         enabled=self.accelerator.is_local_main_process)
@@ -398,8 +407,7 @@ class ContinualTrainer:
         )
 
     def strategy_summary(self) -> dict[str, Any]:
-        summary = getattr(self.strategy, "summary", None)
-        return {"strategy": self.cfg.continual.strategy, **(summary() if callable(summary) else {})}
+        return {"strategy": self.cfg.continual.strategy, "strategy_summary": self.strategy.summary()}
 
     def log_task_metrics(self, t: int) -> None:
         for metric in ("image_auroc", "pixel_auroc"):

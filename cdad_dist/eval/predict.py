@@ -48,7 +48,7 @@ from safetensors.torch import load_file
 from cdad_dist.atomic import sha256_file, write_json_atomic
 from cdad_dist.config import RunConfig, load_config
 from cdad_dist.data.images import read_rgb
-from cdad_dist.continual.strategy import ContinualStrategy, build_strategy
+from cdad_dist.continual.protocol import ContinualStrategy, StrategyContext, build_strategy
 from cdad_dist.engine.checkpoint import MANIFEST, STRATEGY, CheckpointRef, select_task_end
 from cdad_dist.errors import CdadError, CheckpointError
 from cdad_dist.eval.anomaly_map import extractor_from_config
@@ -104,7 +104,7 @@ def _strategy_scorer(cfg: RunConfig, ref: CheckpointRef, extractor, image_size: 
     if type(strategy).score_batch is ContinualStrategy.score_batch:
         return None
     state_file = _verify_weights(ref, STRATEGY)
-    strategy.bind(extractor=extractor, image_size=image_size)
+    strategy.bind(StrategyContext(extractor=extractor, image_size=image_size))
     strategy.load_state_dict(torch.load(state_file, map_location="cpu", weights_only=False))
     return strategy.score_batch
 

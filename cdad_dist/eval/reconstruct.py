@@ -23,10 +23,12 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 
+from cdad_dist.config_checks import check_choices
 from cdad_dist.errors import ConfigError
 
 MODES = ("ddim", "one_step", "fused")
@@ -34,7 +36,7 @@ MODES = ("ddim", "one_step", "fused")
 
 @dataclass
 class ReconstructionConfig:
-    mode: str = "ddim"          # "ddim" | "one_step" | "fused"
+    mode: Literal["ddim", "one_step", "fused"] = "ddim"
     start_t: int = 999          # ddim: noise level of the first step
     steps: int = 10             # ddim: number of U-Net calls
     one_step_t: int = 261       # one_step: ≈ DiffusionAD's 200 (matched ᾱ)
@@ -42,6 +44,9 @@ class ReconstructionConfig:
     t_b: int = 568              # fused: large scale (≈ DiffusionAD's 400)
     w: float = 1.0              # fused: guidance weight (DiffusionAD's condition_w)
     seed: int = 0               # noise seed, combined with each image's pixels (image_generators)
+
+    def __post_init__(self) -> None:
+        check_choices(self, "eval.reconstruction")  # the timestep ranges need T: checked where the model is known
 
 
 def _check(cfg: ReconstructionConfig, T: int) -> None:

@@ -62,6 +62,7 @@ def write_report(
         "name": extra.get("name", Path(run_dir).name),
         "setting": extra.get("setting"),
         "strategy": extra.get("strategy"),
+        "strategy_summary": extra.get("strategy_summary"),  # the strategy's own summary() (what it holds)
         "tasks": tasks,
         "summary": summary,
         "matrix": matrix.to_dict(),
@@ -148,9 +149,44 @@ def render_markdown(results: dict[str, Any], matrix: AccuracyMatrix) -> str:
             f"| {_TITLES.get(m, m)} | {_pct(v.get('final_average'))} | {_pct(v.get('diagonal_average'))} "
             f"| {_pct(v.get('forgetting'), 2)} | {_pct(v.get('gap_to_joint'), 2)} |"
         )
-    lines += ["", *_task_table(results), "", *_step_table(results, matrix), "", "## Per task and class", ""]
+    lines += ["", *_task_table(results), "", *_step_table(results, matrix), "", *_strategy_section(results),
+              "## Per task and class", ""]
     lines += _per_task_tables(results, matrix)
     return "\n".join(lines) + "\n"
+
+
+def _strategy_section(results: dict[str, Any]) -> list[str]:
+    """The strategy's summary(): its scalar facts as a table, and a table per nested table of rows (e.g. CDAD's
+    layer classes: count, k, d, fill)."""
+    summary = results.get("strategy_summary")
+    if not summary:
+        return []
+    lines = [f"## Strategy: {results.get('strategy') or '–'}", "", "| Quantity | Value |", "|---|---|"]
+    tables = []
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        if isinstance(value, list):
+            return ", ".join(cell(v) for v in value) if len(value) <= 12 else f"{len(value)} entries"
+        return str(value)
+
+    def walk(data: dict[str, Any], prefix: str = "") -> None:
+        for key, value in data.items():
+            if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+                tables.append((prefix + key, value))
+            elif isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                lines.append(f"| {prefix}{key} | {cell(value)} |")
+
+    walk(summary)
+    for title, rows in tables:
+        columns = sorted({c for row in rows.values() for c in row})
+        lines += ["", f"{title}:", "", "| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+        lines += [f"| {name} | " + " | ".join(cell(row.get(c, "–")) for c in columns) + " |"
+                  for name, row in rows.items()]
+    return lines + [""]
 
 
 def _task_table(results: dict[str, Any]) -> list[str]:

@@ -31,7 +31,7 @@ from cdad_dist.continual.capture import FeatureCapture, make_capture_forward
 from cdad_dist.continual.layers import input_dim
 from cdad_dist.continual.sketch_cost import F32, F64, assumed_rank, choose_sketch, gram_cost, isvd_cost
 from cdad_dist.continual.store import basis_dtype
-from cdad_dist.continual.strategy import CDADStrategy
+from cdad_dist.continual.strategy import CDADStrategy, sketch_options
 from cdad_dist.errors import ConfigError
 from cdad_dist.plan.trace import TensorBytes, flop_counter
 
@@ -154,7 +154,7 @@ def make_plan(cfg, opts: PlanOptions | None = None) -> dict[str, Any]:
 
     images = capture_image_count(cfg, opts)
     images_per_rank = math.ceil(images / opts.world)
-    options = cfg.continual.sketch_options()
+    options = sketch_options(cfg.continual)
     bdtype = torch.empty((), dtype=basis_dtype(cfg.continual.basis_dtype)).element_size()
     rows, classes = [], defaultdict(lambda: {"count": 0, "d": [], "kinds": set(), "sketch_bytes": 0,
                                              "basis_bytes": 0, "projection_flops": 0.0})
