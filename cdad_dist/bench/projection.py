@@ -248,8 +248,7 @@ def _amn_drift(cfg: ProjectionBenchConfig, model, state_with_perturbed: dict, ol
     update projection with bases captured on clean images only vs on clean + perturbed (the same steps)."""
     capture = CaptureConfig(images=1.0, ddim_steps=cfg.ddim_steps, seed=cfg.seed, perturbed=False)
     clean_only = CDADStrategy(ContinualConfig(capture=capture))
-    clean_only.end_task(0, copy.deepcopy(model), _batches(old, cfg.batch, old_perturbed),
-                        make_capture_forward(model, capture))
+    clean_only.end_task(0, model, _batches(old, cfg.batch, old_perturbed), make_capture_forward(model, capture))
     with torch.no_grad():
         model.eval()
         before = model.condition(old_perturbed)
@@ -275,8 +274,8 @@ def _amn_drift(cfg: ProjectionBenchConfig, model, state_with_perturbed: dict, ol
     for values in drift.values():
         values["perturbed_vs_naive"] = values["perturbed"] / naive
     summary = (f"AMN drift on old perturbed inputs after {cfg.drift_steps} task-1 steps: clean-only capture "
-               f"{drift['clean_only']['perturbed_vs_naive']:.3f}x naive, clean+perturbed "
-               f"{drift['clean_and_perturbed']['perturbed_vs_naive']:.3f}x naive")
+               f"{drift['clean_only']['perturbed_vs_naive']:.3g}x naive, clean+perturbed "
+               f"{drift['clean_and_perturbed']['perturbed_vs_naive']:.3g}x naive")
     print("  " + summary + f" (clean inputs: {drift['clean_only']['clean']:.2e} vs "
           f"{drift['clean_and_perturbed']['clean']:.2e}; naive {drift['naive']['clean']:.2e})")
     return {"steps": cfg.drift_steps, "relative_change": drift, "summary": summary}
