@@ -287,7 +287,7 @@ def per_task_table(summary: dict[str, Any]) -> list[str]:
             f = fill[int(t)] if int(t) < len(fill) and fill[int(t)] is not None else None
             lines.append(f"| {name} | {t} | {_fmt1(v['A_after'])} | {_fmt1(v['diagonal'])} | {_fmt1(v['final'])} "
                          f"| {_fmt(v['FM'])} | {'–' if f is None else f'{f:.3f}'} |")
-    return lines
+    return lines + [""]
 
 
 def _fmt1(value: float) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -25,12 +26,15 @@ from cdad_dist.continual.memory import gpm_merge, gpm_merge_gram_compact
 from cdad_dist.continual.projector import Projector
 from cdad_dist.continual.protocol import (STATE_FORMAT, Backend, CapturePlan, ContinualStrategy,  # noqa: F401
                                           build_strategy, check_strategy_state)
-from cdad_dist.continual.reducer import comm_device, dist_info, reduce_and_finalize
+from cdad_dist.continual.reducer import bases_digest, comm_device, dist_info, reduce_and_finalize
 from cdad_dist.continual.sketches import GramSketch, Sketch, SketchOptions, full_precision, make_sketch
-from cdad_dist.continual.store import BasisStore, basis_dtype, compact_form
+from cdad_dist.continual.store import BasisStore, basis_dtype, compact_form, task_file_name
+from cdad_dist.atomic import sha256_file
 from cdad_dist.errors import CdadError, CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
+
+BASES_DIR = "bases"  # under the run directory: one safetensors file per task, referenced by checkpoints
 
 
 def sketch_options(cfg: ContinualConfig) -> SketchOptions:
@@ -70,6 +74,9 @@ class CDADStrategy(ContinualStrategy):
         self._pending_anchor: tuple[int, dict[str, torch.Tensor]] | None = None  # from a mid-task checkpoint
         self._current_task: int | None = None
         self._layers: tuple[int, dict[str, nn.Module]] | None = None
+        # {file, digest, sha256, task} of the bases file written at the last task end (None: no run directory
+        # bound, e.g. library use; the state then embeds the bases)
+        self._basis_ref: dict | None = None
 
     # -- layers ----------------------------------------------------------------------------------------------------
     def protected_layers(self, model: nn.Module) -> dict[str, nn.Module]:
@@ -165,12 +172,43 @@ class CDADStrategy(ContinualStrategy):
         complement = {name for name, meta in result.info.items() if meta.get("stored") == "complement"}
         self.store = BasisStore(bases=result.bases, gamma=self.cfg.gamma, task=task_index, complement=complement)
         self.tasks_done = task_index + 1
+        self._basis_ref = self._write_bases(task_index, result.digest, rank, world)
         summary = self._summarise(task_index, layers, result, images, world)
         self.history.append(summary)
         if rank == 0:
             log.info("cdad: task %d bases: %d layers, k total %d, %.2f MB (%.2f%% of protected weights), "
                      "sha256 %s", task_index, len(result.bases), summary["k_total"], summary["bytes"] / 2 ** 20,
                      100 * summary["relative_to_weights"], result.digest)
+
+    def _write_bases(self, task_index: int, digest: str, rank: int, world: int) -> dict | None:
+        """Write the task's bases once under ``<run dir>/bases/`` (rank 0, atomic); checkpoints reference the file
+        instead of carrying copies. None without a run directory (the state then embeds the bases)."""
+        if self.context.run_dir is None:
+            return None
+        name = task_file_name(task_index)
+        sha = None
+        if rank == 0:
+            sha = sha256_file(self.store.save(Path(self.context.run_dir) / BASES_DIR, dtype=self.cfg.basis_dtype))
+        if world > 1:
+            torch.distributed.barrier()  # the file exists before any rank goes on (and checkpoints it)
+        return {"file": f"{BASES_DIR}/{name}", "digest": digest, "sha256": sha, "task": task_index}
+
+    def _load_referenced(self, ref: dict) -> BasisStore:
+        """The bases file a checkpoint references, verified: present, same sha256, same tensor digest."""
+        if self.context.run_dir is None:
+            raise CheckpointError(f"continual strategy state references {ref.get('file')} but no run directory is "
+                                  "bound to resolve it")
+        path = Path(self.context.run_dir) / str(ref["file"])
+        if not path.is_file():
+            raise CheckpointError(f"{path}: basis file missing (the checkpoint references it; restore it from a "
+                                  "copy of the run directory)")
+        if ref.get("sha256") and sha256_file(path) != ref["sha256"]:
+            raise CheckpointError(f"{path}: sha256 differs from the one the checkpoint recorded (altered or damaged "
+                                  "basis file)")
+        store = BasisStore.load(path)
+        if bases_digest(store.bases) != ref.get("digest"):
+            raise CheckpointError(f"{path}: its bases differ from the ones the checkpoint recorded (digest)")
+        return store
 
     def _new_sketches(self, layers: dict[str, nn.Module], rank: int) -> dict[str, Sketch]:
         options = sketch_options(self.cfg)
@@ -286,16 +324,24 @@ class CDADStrategy(ContinualStrategy):
         return {"format": STATE_FORMAT, "name": self.name, "tasks_done": self.tasks_done,
                 "anchor": {"task": self._current_task, "weights": anchor} if anchor else None,
                 "gamma": self.cfg.gamma, "task": self.store.task,
-                "bases": {n: U.detach().cpu().clone() for n, U in self.store.bases.items()},
+                # With a run directory the bases live once per task in <run dir>/bases/ and the state references
+                # them (bases_ref, verified on load); without one they are embedded.
+                "bases": {} if self._basis_ref else {n: U.detach().cpu().clone() for n, U in self.store.bases.items()},
+                "bases_ref": self._basis_ref,
                 "complement": sorted(self.store.complement),  # layers whose stored tensor is V = U⊥
                 "history": list(self.history)}
 
     def load_state_dict(self, state: dict) -> None:
         check_strategy_state(state, self.name)
+        ref = state.get("bases_ref")
         try:
-            bases = {str(n): U for n, U in state["bases"].items()}
+            if ref:
+                referenced = self._load_referenced(ref)
+                bases, complement = dict(referenced.bases), set(referenced.complement)
+            else:
+                bases = {str(n): U for n, U in state["bases"].items()}
+                complement = {str(n) for n in state.get("complement", [])}  # absent in states that stored U only
             tasks_done, task = int(state["tasks_done"]), int(state["task"])
-            complement = {str(n) for n in state.get("complement", [])}  # absent in states that stored U only
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"continual strategy state: missing or bad entry ({exc})") from exc
         if any(not isinstance(U, torch.Tensor) or U.dim() != 2 for U in bases.values()):
@@ -308,6 +354,7 @@ class CDADStrategy(ContinualStrategy):
         self._close_projector()
         self.store = BasisStore(bases=bases, gamma=self.cfg.gamma, task=task, complement=complement)
         self.tasks_done = tasks_done
+        self._basis_ref = dict(ref) if ref else None
         self.history = list(state.get("history", []))
         anchor = state.get("anchor")
         self._pending_anchor = (int(anchor["task"]), dict(anchor["weights"])) if anchor else None
