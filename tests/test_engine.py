@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from cdad_dist.config import load_config
+from cdad_dist.continual.store import BasisStore
 from cdad_dist.engine.checkpoint import list_checkpoints, latest_checkpoint, verify_checkpoint
 from cdad_dist.engine.trainer import train
 from cdad_dist.errors import CheckpointError
@@ -50,9 +51,14 @@ def test_two_task_run_writes_checkpoints_report_and_matrix(tmp_path, demo_root):
     assert (run_dir / "report" / "results.md").read_text().strip()
     assert list((run_dir / "report" / "heatmaps").glob("*.png"))
     strategy_state = torch.load(refs[-1].path / "strategy.pt", weights_only=False)
-    # the CDAD bases of both tasks travel with the checkpoint (not merely some non-empty state)
-    assert strategy_state["name"] == "cdad" and strategy_state["tasks_done"] == 2
-    assert any(U.shape[1] > 0 for U in strategy_state["bases"].values())
+    # the checkpoint references the bases of both tasks, written once under the run directory (not merely some
+    # non-empty state)
+    assert strategy_state["name"] == "cdad" and strategy_state["tasks_done"] == 2 and strategy_state["bases"] == {}
+    bases = BasisStore.load(run_dir / strategy_state["bases_ref"]["file"])
+    assert bases.task == 1 and any(U.shape[1] > 0 for U in bases.bases.values())
+    summary = results["strategy_summary"]  # the strategy's summary reaches results.json and results.md
+    assert 0 < summary["fill_fraction"] <= 1 and len(summary["fill_per_task"]) == 2
+    assert "## Strategy: cdad" in (run_dir / "report" / "results.md").read_text()
 
 
 def test_resume_mid_task_reproduces_uninterrupted_run(tmp_path, demo_root, monkeypatch):
