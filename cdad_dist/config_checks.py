@@ -9,13 +9,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
+import types
 import typing
 from typing import Any, Literal
 
 from cdad_dist.errors import ConfigError
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _choices(cls: type) -> dict[str, tuple]:
     hints = typing.get_type_hints(cls, globalns=vars(sys.modules[cls.__module__]))
     out = {}
@@ -23,7 +24,7 @@ def _choices(cls: type) -> dict[str, tuple]:
         hint = hints.get(f.name)
         if typing.get_origin(hint) is Literal:
             out[f.name] = typing.get_args(hint)
-        elif typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        elif typing.get_origin(hint) in (typing.Union, types.UnionType):
             literals = [a for a in typing.get_args(hint) if typing.get_origin(a) is Literal]
             if literals:  # e.g. Literal["a", "b"] | None
                 out[f.name] = tuple(v for a in literals for v in typing.get_args(a)) + (

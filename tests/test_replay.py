@@ -119,3 +119,25 @@ def test_replay_through_the_engine_trains_on_old_classes_and_reports_its_buffer(
     if strategy == "cdad+replay":
         assert len(summary["fill_per_task"]) == 2 and 0 < summary["fill_fraction"] <= 1
     assert "## Strategy: " + strategy in (run_dir / "report" / "results.md").read_text()
+
+
+def test_a_mixed_stream_resumed_at_step_k_continues_exactly_where_the_uninterrupted_one_was(shards, tmp_path):
+    """Resume with two sources: each source skips its own share of the k finished batches (the engine's
+    ``training_batches``), so batch k of the resumed stream equals batch k of the uninterrupted one."""
+    from types import SimpleNamespace
+
+    from cdad_dist.engine.trainer import ContinualTrainer
+
+    strategy = build_strategy({"strategy": "replay", "replay": {"per_class": 6, "ratio": 0.25}})
+    strategy.bind(StrategyContext(run_dir=tmp_path, shards=str(shards)))
+    strategy.plan_tasks([["demo/a"], ["demo/b"]])
+    strategy.end_task(0, None, [], lambda b: None)
+    cfg = load_config(None, [f"data.shards={shards}", "data.batch_size=8", "data.shuffle_buffer=4"])
+    trainer = SimpleNamespace(cfg=cfg, strategy=strategy, tasks=[["demo/a"], ["demo/b"]], image_size=16,
+                              accelerator=SimpleNamespace(process_index=0, num_processes=1))
+    uninterrupted = ContinualTrainer.training_batches(trainer, 1, 0)
+    expected = [next(uninterrupted) for _ in range(5)][3:]
+    resumed = ContinualTrainer.training_batches(trainer, 1, 3)
+    for want in expected:
+        got = next(resumed)
+        assert got["key"] == want["key"] and torch.equal(got["perturbed"], want["perturbed"])

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cdad_dist.continual.config import CAPTURE_MODES, CaptureConfig  # noqa: F401  (re-exported)
+from cdad_dist.continual.config import CaptureConfig  # noqa: F401  (re-exported)
 from cdad_dist.continual.sketches import Sketch
 from cdad_dist.errors import ConfigError
 

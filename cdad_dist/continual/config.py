@@ -17,9 +17,6 @@ from cdad_dist.errors import ConfigError
 
 StrategyName = Literal[tuple(STRATEGY_REGISTRY)]  # type: ignore[valid-type]
 SketchName = Literal[("auto", *SKETCH_REGISTRY)]  # type: ignore[valid-type]
-CAPTURE_MODES = ("trajectory", "random_t")
-PROJECT_MODES = ("update", "grad")
-BASIS_DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
 
 
 @dataclass

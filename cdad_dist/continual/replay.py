@@ -28,13 +28,18 @@ REPLAY_DIR = "replay"
 class ReplayMixin:
     """The buffer half of a replay strategy; combine with a strategy class (``class X(ReplayMixin, Base)``)."""
 
+    def __init__(self, cfg=None) -> None:
+        super().__init__(cfg)
+        self._tasks: list[list[str]] | None = None  # from plan_tasks: end_task(t) keeps task t's classes
+        self._kept: list[str] = []  # finished classes in the buffer, in task order
+
     def plan_tasks(self, sequence: list[list[str]]) -> list[list[str]]:
         self._tasks = super().plan_tasks(sequence)
         return self._tasks
 
     @property
     def replay_classes(self) -> list[str]:
-        return list(getattr(self, "_kept", []))
+        return list(self._kept)
 
     def buffer_dir(self) -> Path:
         if self.context.run_dir is None or self.context.shards is None:
@@ -53,7 +58,7 @@ class ReplayMixin:
 
     def end_task(self, task_index, model, capture_batches, capture_forward) -> None:
         super().end_task(task_index, model, capture_batches, capture_forward)
-        tasks = getattr(self, "_tasks", None)
+        tasks = self._tasks
         if tasks is None or task_index >= len(tasks):
             raise ConfigError(f"{self.name}: end_task({task_index}) before plan_tasks gave the task's classes")
         replay = self.cfg.replay

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from cdad_dist.continual.registry import SKETCH_REGISTRY
 from cdad_dist.errors import ConfigError
 
-SKETCH_KINDS = ("auto", "isvd", "isvd_paper", "gram")  # "auto" + the registry's kinds (continual/registry.py)
+SKETCH_KINDS = ("auto", *SKETCH_REGISTRY)  # "auto": the cost model's choice among the registered kinds
 
 
 def full_precision():
