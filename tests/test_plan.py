@@ -35,6 +35,9 @@ def test_demo_plan_phases_and_verdict():
     assert phases["train_step"]["memory"]["ddp_buckets"] == 0 < two["phases"]["train_step"]["memory"]["ddp_buckets"]
     assert two["options"]["capture_images_per_rank"] == -(-one["options"]["capture_images"] // 2)
     assert two["verdict"]["fits"] is False and two["verdict"]["phase"] in phases
+    # two ranks: the sketches are split by the run's ownership, one rank holds all of them
+    assert one["ownership"] is None
+    assert two["phases"]["capture"]["memory"]["sketches"] < phases["capture"]["memory"]["sketches"]
     assert phases["projection"]["peak_bytes"] > phases["train_step"]["peak_bytes"]  # the bases come on top
     assert sum(c["count"] for c in one["layer_classes"].values()) == one["model"]["protected_layers"]
     bf16 = make_plan(cfg, PlanOptions(precision="bf16"))
@@ -51,5 +54,12 @@ def test_sd15_plan_counts_the_real_unet_without_weights(tmp_path, capsys):
     assert unet < plan["model"]["trainable_params"] < unet * 1.02  # + the AMN
     assert code == (0 if plan["verdict"]["fits"] else 1)
     assert "| layer class |" in (tmp_path / "plan.md").read_text() and "Fits" in capsys.readouterr().out
+    # layer ownership splits the continual state: ≥ 20 % headroom per rank on 8 × 80 GB (the target)
+    assert plan["verdict"]["fits"] and plan["verdict"]["peak_gib"] <= 0.8 * 80
+    assert len(plan["ownership"]["per_rank"]) == 8
+    assert plan["ownership"]["max_share"]["anchor_bytes"] < 0.2
+    assert plan["ownership"]["max_share"]["projection_flops"] < 0.2
+    assert plan["ownership"]["max_share"]["sketch_bytes"] < 1.0  # only the Gram share splits
+    assert "Layer ownership over 8 ranks" in (tmp_path / "plan.md").read_text()
     big = [r for r in plan["layers"] if r["d"] > 20000]
     assert big and all(r["sketch"] == "isvd" and r["buffer"] >= r["d"] // 4 for r in big)

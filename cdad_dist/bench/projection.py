@@ -237,6 +237,8 @@ def _run(cfg: ProjectionBenchConfig) -> dict:
         r["drift_vs_naive"] = r["old_reconstruction_drift"] / max(results["naive"]["old_reconstruction_drift"],
                                                                   1e-30)
     report = _summarise(cfg, store, layers, weights_bytes, capture_s, results, (load_before, load_after))
+    report["ownership"] = _ownership_work(task0, layers)
+    report["summary"] += "; " + report["ownership"]["summary"]
     report["amn_drift"] = _amn_drift(cfg, model, state, old, old_perturbed, new, new_perturbed)
     report["summary"] += "; " + report["amn_drift"]["summary"]
     return report
@@ -279,6 +281,35 @@ def _amn_drift(cfg: ProjectionBenchConfig, model, state_with_perturbed: dict, ol
     print("  " + summary + f" (clean inputs: {drift['clean_only']['clean']:.2e} vs "
           f"{drift['clean_and_perturbed']['clean']:.2e}; naive {drift['naive']['clean']:.2e})")
     return {"steps": cfg.drift_steps, "relative_change": drift, "summary": summary}
+
+
+MACS_TARGET = 0.55  # per-rank projection MACs on 2 ranks / on 1 rank (layer-ownership issue)
+
+
+def _ownership_work(strategy: CDADStrategy, layers: dict) -> dict:
+    """Per-rank projection work on 1 and 2 ranks, counted by the projector each rank would build (its owned
+    layers' 2·out·d·columns per step, ``Projector.step_macs``) from the task-0 bases, plus its anchor bytes."""
+    from cdad_dist.continual.projector import Projector
+
+    store = strategy.store
+    per_world = {}
+    for world in (1, 2):
+        owners = strategy.projection_owners(layers, world)
+        ranks = []
+        for rank in range(world):
+            projector = Projector(layers, store.bases, "update", complement=store.complement, owners=owners,
+                                  rank=rank, world=world)
+            anchor = sum(4 * m.weight.numel() for n, m in layers.items() if n in projector.names and projector.owns(n))
+            ranks.append({"macs": projector.step_macs(), "anchor_bytes": anchor})
+        per_world[f"{world}rank"] = ranks
+    one = per_world["1rank"][0]["macs"]
+    worst = max(r["macs"] for r in per_world["2rank"])
+    ratio = worst / one if one else 0.0
+    met = ratio <= MACS_TARGET
+    summary = (f"projection MACs per step: 1 rank {one / 1e6:.1f} M, 2 ranks max {worst / 1e6:.1f} M per rank = "
+               f"{ratio:.3f}x (target <= {MACS_TARGET:g}x: {'met' if met else 'not met'})")
+    print("  " + summary)
+    return {"per_rank": per_world, "macs_2_vs_1_rank": ratio, "target": MACS_TARGET, "met": met, "summary": summary}
 
 
 def _load_average() -> float | None:

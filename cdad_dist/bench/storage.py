@@ -7,9 +7,14 @@ and bfloat16, relative to the protected weights (float32). Then the orthogonalit
 the bf16-stored factors: for random weight changes ΔW, ‖P̃(ΔW)·U‖ / ‖ΔW‖ where P̃ projects with the bf16 factor
 (cast to float32, as the projector does) and U is the float64 basis, next to the same number with the float32
 factor — the leak that bf16 storage adds to every step.
+
+Checkpoint size: the strategy state a task-end checkpoint carries, serialised as the checkpoint writes it
+(``torch.save``), once by a strategy without a run directory (the bases embedded, as before) and once by one bound
+to a run directory (the bases written once per task under ``<run dir>/bases/``, the state only referencing them).
 """
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from dataclasses import asdict, dataclass
@@ -22,6 +27,7 @@ from cdad_dist.bench.basis import _images
 from cdad_dist.continual.capture import CaptureConfig, make_capture_forward
 from cdad_dist.continual.layers import protected_weight_bytes
 from cdad_dist.continual.projector import project_rows, project_rows_complement
+from cdad_dist.continual.protocol import StrategyContext
 from cdad_dist.continual.store import BasisStore
 from cdad_dist.continual.strategy import CDADStrategy, ContinualConfig
 from cdad_dist.eval.reconstruct import ReconstructionConfig
@@ -39,6 +45,12 @@ class StorageBenchConfig:
     @classmethod
     def quick(cls) -> StorageBenchConfig:
         return cls(images_per_task=8, ddim_steps=3, probes=2)
+
+
+def _state_bytes(state: dict) -> int:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.tell()
 
 
 def _file_bytes(store: BasisStore, dtype: str) -> int:
@@ -74,6 +86,9 @@ def run(quick: bool, out_dir=None, *, cfg: StorageBenchConfig | None = None, log
     size = resolve_config(model.model_config).image_size
     capture = CaptureConfig(images=1.0, ddim_steps=cfg.ddim_steps)
     strategy = CDADStrategy(ContinualConfig(capture=capture))
+    run_dir = tempfile.TemporaryDirectory()
+    referencing = CDADStrategy(ContinualConfig(capture=capture))  # the same tasks, bases written under a run dir
+    referencing.bind(StrategyContext(image_size=None, run_dir=Path(run_dir.name)))
     layers = strategy.protected_layers(model)
     weight_bytes = protected_weight_bytes(layers)
     smooth = _images(cfg.images_per_task, size, cfg.seed)
@@ -83,7 +98,11 @@ def run(quick: bool, out_dir=None, *, cfg: StorageBenchConfig | None = None, log
         batches = [{"image": images[i:i + 8]} for i in range(0, len(images), 8)]
         forward = make_capture_forward(model, capture, ReconstructionConfig(start_t=300))
         strategy.end_task(t, model, batches, forward)
+        referencing.end_task(t, model, batches, make_capture_forward(model, capture, ReconstructionConfig(start_t=300)))
         store = strategy.store
+        checkpoint = {"embedded": _state_bytes(strategy.state_dict()),
+                      "referenced": _state_bytes(referencing.state_dict()),
+                      "bases_files": sorted(p.name for p in (Path(run_dir.name) / "bases").iterdir())}
         fp32_file, bf16_file = _file_bytes(store, "float32"), _file_bytes(store, "bfloat16")
         weights = {name: module.weight.detach().reshape(module.weight.shape[0], -1) for name, module in layers.items()}
         tasks.append({
@@ -94,11 +113,16 @@ def run(quick: bool, out_dir=None, *, cfg: StorageBenchConfig | None = None, log
             "file_bytes_float32": fp32_file, "file_bytes_bfloat16": bf16_file,
             "file_relative_float32": fp32_file / weight_bytes, "file_relative_bfloat16": bf16_file / weight_bytes,
             "residual": residuals(store, weights, cfg.probes, cfg.seed + 7 * t),
+            "checkpoint_strategy_state_bytes": checkpoint,
         })
+    run_dir.cleanup()
     result = {"config": asdict(cfg), "protected_weight_bytes": weight_bytes, "tasks": tasks}
     parts = [f"task {x['task']}: store {100 * x['file_relative_float32']:.0f}% of the protected weights in float32, "
              f"{100 * x['file_relative_bfloat16']:.0f}% in bf16; leak max {x['residual']['float32_max']:.1e} (fp32) vs "
-             f"{x['residual']['bfloat16_max']:.1e} (bf16)" for x in tasks]
+             f"{x['residual']['bfloat16_max']:.1e} (bf16); checkpoint strategy state "
+             f"{x['checkpoint_strategy_state_bytes']['embedded'] / 2**20:.2f} MiB with the bases embedded -> "
+             f"{x['checkpoint_strategy_state_bytes']['referenced'] / 2**10:.1f} KiB referencing "
+             f"{x['checkpoint_strategy_state_bytes']['bases_files'][-1]}" for x in tasks]
     result["summary"] = "storage: " + "; ".join(parts)
     log(result["summary"])
     return result

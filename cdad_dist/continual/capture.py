@@ -4,6 +4,14 @@ Each hook turns the layer's input into a block d × m (a conv's input through ``
 kernel/stride/padding/dilation, so that ``weight.view(out, -1) @ block`` is the conv output), optionally keeps a
 seeded random subset of its columns, and feeds it to that layer's sketch at once; raw activations of all layers
 are never held together.
+
+With layer ownership (``OwnerExchange``, several ranks) the sketch of a summed layer (Gram: d² floats however many
+columns) exists on its owner only: at every hook call all ranks gather their blocks on the owner, which feeds them
+to the sketch in rank order. Merged sketches (iSVD: small, d × (r + buffer), but its folds are the capture's
+dearest compute) stay on every rank, so their folds run in parallel, and are merged on the owner afterwards. The ranks run their
+capture forwards in lockstep (``lockstep_batches``: a rank out of images runs its last batch again, contributing
+no columns), so every rank makes the same collectives in the same order. Per rank, the sketch memory is the owned
+layers' share plus one layer's gathered blocks in flight.
 """
 from __future__ import annotations
 
@@ -63,7 +71,7 @@ class FeatureCapture:
 
     def __init__(self, layers: dict[str, nn.Module], sketches: dict[str, Sketch],
                  max_columns: int | None = None, seed: int = 0, rank: int = 0,
-                 sketch_device: torch.device | str | None = None) -> None:
+                 sketch_device: torch.device | str | None = None, exchange: OwnerExchange | None = None) -> None:
         missing = set(layers) - set(sketches)
         if missing:
             raise ConfigError(f"FeatureCapture: no sketch for layers {sorted(missing)[:5]}")
@@ -73,6 +81,8 @@ class FeatureCapture:
         self._generators = {name: torch.Generator().manual_seed(_layer_seed(seed, rank, name)) for name in layers}
         self._handles: list = []
         self.calls = {name: 0 for name in layers}
+        self.exchange = exchange
+        self.contributing = True  # False: a lockstep filler forward (this rank ran out of images)
 
     def __enter__(self) -> FeatureCapture:
         for name, module in self.layers.items():
@@ -94,9 +104,14 @@ class FeatureCapture:
             # hold ordinary tensors, since they are all-reduced and updated in place afterwards.
             with torch.inference_mode(False):
                 block = self.subsample(name, layer_input_block(module, x.detach().clone()))
-                if self.sketch_device is not None:
-                    block = block.to(self.sketch_device)
-                self.sketches[name].update(block)  # the sketch casts to its own compute dtype
+                if not self.contributing:
+                    block = block[:, :0]
+                if self.exchange is not None and self.exchange.streams(name):
+                    self.exchange.deliver(name, block, self.sketches[name], self.sketch_device)
+                else:
+                    if self.sketch_device is not None:
+                        block = block.to(self.sketch_device)
+                    self.sketches[name].update(block)  # the sketch casts to its own compute dtype
             self.calls[name] += 1
         return hook
 
@@ -107,6 +122,97 @@ class FeatureCapture:
             return block
         keep = torch.randperm(m, generator=self._generators[name])[: self.max_columns].sort().values
         return block.index_select(1, keep.to(block.device))
+
+
+class OwnerExchange:
+    """Streams every rank's blocks of a layer into the sketch on the layer's owner (see the module docstring).
+
+    Two collectives per hook call: an all-gather of the column counts, then a gather of the (zero-padded) blocks on
+    the owner. The owner feeds rank 0's columns first, then rank 1's, …; only it ever allocates the layer's sketch.
+    """
+
+    def __init__(self, owners: dict[str, int], rank: int, world: int, group=None,
+                 streamed: set[str] | None = None) -> None:
+        self.owners, self.rank, self.world, self.group = owners, rank, world, group
+        self.streamed = set(owners) if streamed is None else set(streamed)
+        self.inflight_peak_bytes = 0  # the largest set of gathered blocks held at once (on an owner)
+        self.sent_bytes = 0
+
+    def streams(self, name: str) -> bool:
+        """Whether the layer's columns go to its owner (else this rank sketches them and the reducer merges)."""
+        return name in self.streamed
+
+    def deliver(self, name: str, block: Tensor, sketch: Sketch, sketch_device: torch.device | None) -> None:
+        import torch.distributed as dist
+
+        from cdad_dist.continual.reducer import comm_device
+
+        device = comm_device(self.group)
+        width = torch.tensor([block.shape[1]], dtype=torch.int64, device=device)
+        widths = [torch.zeros_like(width) for _ in range(self.world)]
+        dist.all_gather(widths, width, group=self.group)
+        widths_list = [int(w) for w in widths]
+        most = max(widths_list)
+        if most == 0:
+            return
+        owner = self.owners[name]
+        padded = torch.zeros(block.shape[0], most, dtype=torch.float32, device=device)
+        padded[:, : block.shape[1]] = block.to(device=device, dtype=torch.float32)
+        dst = owner if self.group is None else dist.get_global_rank(self.group, owner)
+        if self.rank != owner:
+            dist.gather(padded, None, dst=dst, group=self.group)
+            self.sent_bytes += padded.numel() * padded.element_size()
+            return
+        received = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.gather(padded, received, dst=dst, group=self.group)
+        self.inflight_peak_bytes = max(self.inflight_peak_bytes, self.world * padded.numel() * padded.element_size())
+        for r, w in enumerate(widths_list):
+            if w:
+                part = received[r][:, :w]
+                sketch.update(part.to(sketch_device) if sketch_device is not None else part)
+
+
+def lockstep_batches(batches, capture: FeatureCapture, group=None):
+    """Yield this rank's batches while any rank still has one; a rank out of batches repeats its last one (or
+    another rank's first, if it had none) with ``capture.contributing = False``, so every rank runs the same
+    forwards and hook collectives. Without an exchange the batches pass through unchanged."""
+    if capture.exchange is None:
+        yield from batches
+        return
+    import torch.distributed as dist
+
+    from cdad_dist.continual.reducer import comm_device
+
+    world = capture.exchange.world
+    device = comm_device(group)
+    iterator = iter(batches)
+    template = None
+    try:
+        while True:
+            batch = next(iterator, None)
+            mine = torch.tensor([batch is not None, batch is not None or template is not None], dtype=torch.int64,
+                                device=device)
+            flags = [torch.zeros_like(mine) for _ in range(world)]
+            dist.all_gather(flags, mine, group=group)
+            have = [int(f[0]) for f in flags]
+            if not any(have):
+                return
+            if not all(int(f[1]) for f in flags):  # some rank has never had a batch: lend it one (all ranks call)
+                src = have.index(1)
+                box = [batch if capture.exchange.rank == src else None]
+                dist.broadcast_object_list(box, src=src if group is None else dist.get_global_rank(group, src),
+                                           group=group)
+                if template is None and batch is None:
+                    template = box[0]
+            if batch is not None:
+                template = batch
+                capture.contributing = True
+                yield batch
+            else:
+                capture.contributing = False
+                yield template
+    finally:
+        capture.contributing = True
 
 
 # -- which images feed the capture pass ---------------------------------------------------------------------------

@@ -131,6 +131,9 @@ class ContinualConfig:
     isvd_buffer_columns: int | None = None  # columns buffered per SVD fold; None: d (isvd) or budget-sized (auto)
     plan_rank_fraction: float = 0.25  # basis rank / d assumed by auto's cost model and `cdad plan`
     sketch_device: str | None = None  # None: where the activations are
+    # With several ranks, each protected layer's sketch, decomposition and (update mode) projection run on one
+    # owner rank (continual/ownership.py); false replicates them on every rank (the comparison baseline).
+    layer_ownership: bool = True
 
     def __post_init__(self) -> None:
         for key, cls in (("layer_patterns", LayerPatterns), ("capture", CaptureConfig), ("knn", KnnConfig),

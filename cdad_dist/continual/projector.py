@@ -22,6 +22,13 @@ at the next step. There the update mode reads the full fp32 weight (the module's
 gathers whole after each step; otherwise ``safe_get_full_fp32_param``), projects it identically on every rank, and
 writes it both into the module and into this rank's fp32 master fragment (``safe_set_full_fp32_param``).
 
+With layer ownership (``owners``, several ranks, update mode) each rank anchors and projects only the layers it
+owns (``ownership.projection_ownership``: balanced by the per-step multiply-adds), then every owner broadcasts its
+projected weights (bucketed flat buffers, in the weights' own dtype) so all ranks hold the owners' bytes:
+bit-identical weights, per-rank projection work and anchor memory ≈ 1/world. Under DeepSpeed every rank still
+takes part in each layer's full-fp32 gather, receives the owner's projected fp32 weight and writes its own master
+fragment. A mid-task checkpoint's anchors are collected on rank 0 (``anchor_state``, called on every rank).
+
 Factors are kept in float32 on the weight's device; the per-step work of a float32 weight is one subtraction and
 two matrix products into two scratch buffers shared by all layers, the last one writing the weight in place (no
 allocation per step).
@@ -59,6 +66,9 @@ class _Target:
     complement: bool
     anchor: Tensor | None = None  # W at the task's first step (out × d, float32)
 
+    def anchor_shape(self) -> tuple[int, int]:
+        return int(self.weight.shape[0]), int(self.factor.shape[0])
+
     def project(self, matrix: Tensor) -> Tensor:
         if self.complement:
             return project_rows_complement(matrix, self.factor)
@@ -72,11 +82,17 @@ class Projector:
     """
 
     def __init__(self, layers: dict[str, nn.Module], bases: dict[str, Tensor], mode: str = "update",
-                 complement: Collection[str] = (), deepspeed_master: bool = False) -> None:
+                 complement: Collection[str] = (), deepspeed_master: bool = False,
+                 owners: dict[str, int] | None = None, rank: int = 0, world: int = 1) -> None:
         if mode not in PROJECT_MODES:
             raise ConfigError(f"continual.project must be one of {PROJECT_MODES}, got {mode!r}")
+        if owners is not None and mode != "update":
+            raise ConfigError("projector: layer ownership applies to the update mode only (grad mode projects each "
+                              "rank's gradient before the reduction)")
         self.mode = mode
         self.deepspeed_master = deepspeed_master
+        self.owners = owners if (owners is not None and world > 1) else None
+        self.rank, self.world = rank, world
         self._targets: dict[str, _Target] = {}
         self._saturated: dict[str, nn.Parameter] = {}  # k = d: frozen instead of projected
         self._frozen: list[nn.Parameter] = []
@@ -102,6 +118,15 @@ class Projector:
     def names(self) -> list[str]:
         """Layers projected each step (not the frozen ones)."""
         return list(self._targets)
+
+    def owns(self, name: str) -> bool:
+        """Whether this rank anchors and projects the layer (every layer without ownership)."""
+        return self.owners is None or self.owners[name] == self.rank
+
+    def step_macs(self) -> float:
+        """Multiply-adds this rank spends per projection step (2·out·d·columns per owned layer)."""
+        return sum(2.0 * t.anchor_shape()[0] * t.factor.shape[0] * t.factor.shape[1]
+                   for n, t in self._targets.items() if self.owns(n))
 
     @property
     def saturated(self) -> list[str]:
@@ -131,20 +156,48 @@ class Projector:
         two scratch buffers every layer's step reuses."""
         if self._anchored:
             return
-        self.restore_anchor({name: self._full_fp32(t.weight) for name, t in self._targets.items()})
+        anchors = {}
+        for name, target in self._targets.items():
+            if self.owns(name):
+                anchors[name] = self._full_fp32(target.weight)
+            elif self.deepspeed_master:
+                self._full_fp32(target.weight)  # a collective under ZeRO: every rank takes part
+        self.restore_anchor(anchors)
 
     def anchor_state(self) -> dict[str, Tensor]:
         """The task's anchors (CPU copies) for a mid-task checkpoint: a resumed run must measure the projected change
-        from the same weights as the uninterrupted one, or the result differs in the last bits."""
-        return {name: t.anchor.detach().cpu().clone() for name, t in self._targets.items() if t.anchor is not None}
+        from the same weights as the uninterrupted one, or the result differs in the last bits. With ownership all
+        ranks must call this: the owners send their anchors to rank 0, which returns all of them (others: {})."""
+        if self.owners is None:
+            return {name: t.anchor.detach().cpu().clone() for name, t in self._targets.items() if t.anchor is not None}
+        import torch.distributed as dist
+
+        state = {}
+        if not self._anchored:
+            return state
+        for name in sorted(self._targets):
+            target, owner = self._targets[name], self.owners[name]
+            if self.rank == owner:
+                if owner == 0:
+                    state[name] = target.anchor.detach().cpu().clone()
+                else:
+                    dist.send(target.anchor.contiguous(), dst=0)
+            elif self.rank == 0:
+                buf = torch.empty(target.anchor_shape(), dtype=torch.float32, device=target.weight.device)
+                dist.recv(buf, src=owner)
+                state[name] = buf.cpu()
+        return state
 
     @torch.no_grad()
     def restore_anchor(self, anchors: dict[str, Tensor]) -> None:
         """Set the anchors (from ``anchor`` or a checkpoint's ``anchor_state``) and allocate the step buffers."""
-        missing = sorted(set(self._targets) - set(anchors))
+        missing = sorted(n for n in self._targets if self.owns(n) and n not in anchors)
         if missing:
             raise ConfigError(f"projector anchors missing for layers {missing[:5]}")
         for name, target in self._targets.items():
+            if not self.owns(name):
+                target.anchor = None  # another rank anchors and projects it
+                continue
             weight = target.weight
             self._factor(target, weight.device)
             anchor = anchors[name].to(device=weight.device, dtype=torch.float32).reshape(weight.shape[0], -1)
@@ -154,6 +207,8 @@ class Projector:
             target.anchor = anchor.clone()
         sizes: dict[torch.device, tuple[int, int]] = {}  # per device: largest Δ (out·d) and Δ·F (out·columns)
         for target in self._targets.values():
+            if target.anchor is None:
+                continue
             out, columns = target.anchor.shape[0], target.factor.shape[1]
             n_delta, n_coef = sizes.get(target.anchor.device, (0, 0))
             sizes[target.anchor.device] = (max(n_delta, target.anchor.numel()), max(n_coef, out * columns))
@@ -170,20 +225,51 @@ class Projector:
         """
         if not self._anchored:
             raise RuntimeError("Projector.project_update called before anchor(): call before_optimizer_step first")
-        for target in self._targets.values():
+        for name, target in self._targets.items():
             weight = target.weight
-            F = self._factor(target, weight.device)
             if self.deepspeed_master:
-                W = self._full_fp32(weight).reshape(weight.shape[0], -1)
-                self._project_inplace(target, W, F)
+                W = self._full_fp32(weight).reshape(weight.shape[0], -1)  # a collective: every rank, every layer
+                if self.owns(name):
+                    self._project_inplace(target, W, self._factor(target, weight.device))
+                if self.owners is not None:
+                    torch.distributed.broadcast(W, src=self.owners[name])
                 _write_deepspeed_weight(weight, W.reshape(weight.shape))
-            elif weight.dtype == torch.float32 and weight.is_contiguous():
+                continue
+            if not self.owns(name):
+                continue
+            F = self._factor(target, weight.device)
+            if weight.dtype == torch.float32 and weight.is_contiguous():
                 W = weight.view(weight.shape[0], -1)  # aliases the parameter: updated in place
                 self._project_inplace(target, W, F)
             else:  # e.g. half-precision or channels-last weights: compute on a float32 copy, copy back
                 W = weight.detach().reshape(weight.shape[0], -1).to(torch.float32, copy=True)
                 self._project_inplace(target, W, F)
                 weight.copy_(W.reshape(weight.shape))
+        if self.owners is not None and not self.deepspeed_master:
+            self._share_projected()
+
+    def _share_projected(self, bucket_elements: int = 1 << 26) -> None:
+        """Every owner broadcasts its projected weights, in flat buckets of one dtype (≤ 256 MiB of fp32)."""
+        import torch.distributed as dist
+
+        for owner in range(self.world):
+            weights = [self._targets[n].weight for n in sorted(self._targets) if self.owners[n] == owner]
+            for dtype in sorted({w.dtype for w in weights}, key=str):
+                bucket: list[nn.Parameter] = []
+                size = 0
+                for w in [w for w in weights if w.dtype == dtype] + [None]:
+                    if w is None or (bucket and size + w.numel() > bucket_elements):
+                        flat = torch.cat([b.detach().reshape(-1) for b in bucket])
+                        dist.broadcast(flat, src=owner)
+                        if self.rank != owner:
+                            offset = 0
+                            for b in bucket:
+                                b.data.copy_(flat[offset: offset + b.numel()].view_as(b))
+                                offset += b.numel()
+                        bucket, size = [], 0
+                    if w is not None:
+                        bucket.append(w)
+                        size += w.numel()
 
     def _full_fp32(self, weight: nn.Parameter) -> Tensor:
         """A float32 copy of the whole weight: under DeepSpeed the optimizer's master copy, gathered."""

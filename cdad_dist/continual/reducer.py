@@ -87,11 +87,15 @@ def _group_rank(group, rank: int) -> int:
 
 
 def reduce_and_finalize(sketches: dict[str, Sketch], finalize: Finalize, group=None,
-                        verify: bool = True) -> ReduceResult:
+                        verify: bool = True, owners: dict[str, int] | None = None,
+                        merged_on_owners: frozenset[str] | set[str] = frozenset()) -> ReduceResult:
     """Merge the ranks' sketches per layer, finalise each layer on one rank, broadcast the bases.
 
     ``sketches`` is consumed: afterwards each entry holds the merged sketch on the layer's owner and is released
     (emptied) elsewhere. ``finalize(name, merged_sketch) -> (basis d × k, plain info dict)`` runs on the owner.
+    ``owners``: the layer ownership to use (``ownership.capture_ownership``); None balances by the sketches'
+    finalise costs. ``merged_on_owners``: layers whose capture already streamed every rank's columns into the
+    owner's sketch (``capture.OwnerExchange``): nothing to reduce, the other ranks' entries are empty.
     """
     rank, world = dist_info(group)
     if world == 1:
@@ -104,8 +108,10 @@ def reduce_and_finalize(sketches: dict[str, Sketch], finalize: Finalize, group=N
     _check_same_layers(sketches, rank, world, group)
     device = comm_device(group)
     names = sorted(sketches)
-    owners = _agree_on_owners(sketches, names, world, device, group)
-    owned = _reduce_to_owners(sketches, names, owners, rank, world, device, group)
+    if owners is None:
+        owners = _agree_on_owners(sketches, names, world, device, group)
+    _reduce_to_owners(sketches, [n for n in names if n not in merged_on_owners], owners, rank, world, device, group)
+    owned = [n for n in names if owners[n] == rank]
     local_bases, local_info = {}, {}
     for name in owned:
         U, meta = finalize(name, sketches[name])

@@ -19,10 +19,11 @@ import torch
 from torch import nn
 
 from cdad_dist.continual.baselines import JointStrategy, NaiveStrategy  # noqa: F401  (re-exported)
-from cdad_dist.continual.capture import FeatureCapture
+from cdad_dist.continual.capture import FeatureCapture, OwnerExchange, lockstep_batches
 from cdad_dist.continual.config import CaptureConfig, ContinualConfig  # noqa: F401  (re-exported)
 from cdad_dist.continual.layers import discover_protected, freeze_unprotected, input_dim, protected_weight_bytes
 from cdad_dist.continual.memory import gpm_merge, gpm_merge_gram_compact
+from cdad_dist.continual.ownership import Ownership, capture_ownership, projection_ownership
 from cdad_dist.continual.projector import Projector
 from cdad_dist.continual.protocol import (STATE_FORMAT, Backend, CapturePlan, ContinualStrategy,  # noqa: F401
                                           build_strategy, check_strategy_state)
@@ -93,8 +94,10 @@ class CDADStrategy(ContinualStrategy):
             self.frozen = freeze_unprotected(model, layers)
         self.saturated = []
         if self.store.bases:
+            rank, world = dist_info()
             self._projector = Projector(layers, self.store.bases, self.cfg.project, complement=self.store.complement,
-                                        deepspeed_master=deepspeed)
+                                        deepspeed_master=deepspeed, owners=self.projection_owners(layers, world),
+                                        rank=rank, world=world)
             self.saturated = self._projector.freeze_saturated()
             if self.cfg.project == "grad":
                 self._projector.install_grad_hooks()
@@ -164,16 +167,23 @@ class CDADStrategy(ContinualStrategy):
         self._close_projector()  # no gradient hooks or stale anchors during the capture pass
         layers = self.protected_layers(model)
         rank, world = dist_info()
-        sketches = self._new_sketches(layers, rank)
-        images = self._capture(task_index, model, layers, sketches, capture_batches, capture_forward, rank, world)
+        ownership = self.capture_owners(layers, world)
+        sketches = self._new_sketches(layers, rank, ownership)
+        images, exchange = self._capture(task_index, model, layers, sketches, capture_batches, capture_forward,
+                                         rank, world, ownership)
+        sketch_peak = sum(s.peak_nbytes for s in sketches.values()) + (exchange.inflight_peak_bytes
+                                                                        if exchange else 0)
         with full_precision():  # reductions and decompositions never in a caller's autocast dtype
-            result = reduce_and_finalize(sketches, self._finalize)
+            result = reduce_and_finalize(sketches, self._finalize, owners=ownership.owners if ownership else None,
+                                         merged_on_owners=exchange.streamed if exchange else frozenset())
         del sketches
         complement = {name for name, meta in result.info.items() if meta.get("stored") == "complement"}
         self.store = BasisStore(bases=result.bases, gamma=self.cfg.gamma, task=task_index, complement=complement)
         self.tasks_done = task_index + 1
         self._basis_ref = self._write_bases(task_index, result.digest, rank, world)
         summary = self._summarise(task_index, layers, result, images, world)
+        summary["sketch_peak_bytes_per_rank"] = self._per_rank(sketch_peak, world)
+        summary["layer_ownership"] = ownership is not None
         self.history.append(summary)
         if rank == 0:
             log.info("cdad: task %d bases: %d layers, k total %d, %.2f MB (%.2f%% of protected weights), "
@@ -210,32 +220,64 @@ class CDADStrategy(ContinualStrategy):
             raise CheckpointError(f"{path}: its bases differ from the ones the checkpoint recorded (digest)")
         return store
 
-    def _new_sketches(self, layers: dict[str, nn.Module], rank: int) -> dict[str, Sketch]:
+    def capture_owners(self, layers: dict[str, nn.Module], world: int) -> Ownership | None:
+        """Who sketches and decomposes each layer (None: one rank, or ``layer_ownership`` off)."""
+        if world == 1 or not self.cfg.layer_ownership:
+            return None
+        return capture_ownership(layers, sketch_options(self.cfg), world)
+
+    def projection_owners(self, layers: dict[str, nn.Module], world: int) -> dict[str, int] | None:
+        """Who anchors and projects each layer in update mode (None: one rank, grad mode, or ownership off)."""
+        if world == 1 or not self.cfg.layer_ownership or self.cfg.project != "update":
+            return None
+        widths = {n: int(U.shape[1]) for n, U in self.store.bases.items() if n in layers and U.shape[1] > 0}
+        return projection_ownership(layers, widths, world).owners
+
+    @staticmethod
+    def _per_rank(value: int, world: int) -> list[int]:
+        if world == 1:
+            return [int(value)]
+        values = [None] * world
+        torch.distributed.all_gather_object(values, int(value))
+        return [int(v) for v in values]
+
+    def _new_sketches(self, layers: dict[str, nn.Module], rank: int,
+                      ownership: Ownership | None = None) -> dict[str, Sketch]:
         options = sketch_options(self.cfg)
         sketches = {}
         for name, module in layers.items():
             device = self.cfg.sketch_device or module.weight.device
             sketches[name] = make_sketch(input_dim(module), options, device=device)
-            # Paper Eq. 6 streams M = [Û_{t-1}, X_t]: the old basis is the first block (once, on rank 0).
-            if self.cfg.paper_faithful and rank == 0 and name in self.store.bases and self.store.rank(name) > 0:
+            # Paper Eq. 6 streams M = [Û_{t-1}, X_t]: the old basis is the first block (once: on the layer's
+            # owner when layers are owned, else on rank 0, whose sketch is merged first).
+            feeder = ownership.owner(name) if ownership is not None else 0
+            if self.cfg.paper_faithful and rank == feeder and name in self.store.bases and self.store.rank(name) > 0:
                 sketches[name].update(self.store.basis(name).to(device))
         return sketches
 
-    def _capture(self, task_index, model, layers, sketches, capture_batches, capture_forward, rank, world) -> int:
+    def _capture(self, task_index, model, layers, sketches, capture_batches, capture_forward, rank, world,
+                 ownership: Ownership | None = None) -> tuple[int, OwnerExchange | None]:
+        """Run the capture forwards with the hooks installed; returns (images this rank contributed, exchange)."""
         capture_cfg = self.cfg.capture
         was_training = model.training
         model.eval()
         images = 0
+        exchange = None
+        if ownership is not None:  # summed sketches (Gram) stream to their owner; merged ones are merged after
+            streamed = {n for n, sk in sketches.items() if sk.reduction == "sum"}
+            exchange = OwnerExchange(ownership.owners, rank, world, streamed=streamed)
         try:
             with FeatureCapture(layers, sketches, capture_cfg.max_columns_per_block,
                                 seed=capture_cfg.seed + 7919 * task_index, rank=rank,
-                                sketch_device=self.cfg.sketch_device), torch.no_grad():
-                for batch in capture_batches:  # already this rank's selection (see CaptureConfig.images)
+                                sketch_device=self.cfg.sketch_device, exchange=exchange) as capture, torch.no_grad():
+                # already this rank's selection (see CaptureConfig.images); in lockstep when layers are owned
+                for batch in lockstep_batches(capture_batches, capture):
                     capture_forward(batch)
-                    images += len(batch["image"]) if "image" in batch else 1
+                    if capture.contributing:
+                        images += len(batch["image"]) if "image" in batch else 1
         finally:
             model.train(was_training)
-        return images
+        return images, exchange
 
     def _finalize(self, name: str, sketch: Sketch) -> tuple[torch.Tensor, dict]:
         """Runs on the layer's owner rank: the merged basis of all tasks so far, in its smaller stored form

@@ -13,8 +13,13 @@ fraction, the per-step projection. Phases:
 - projection:  the train step + the bases, and its own FLOPs per optimizer step
 - checkpoint:  bytes written (weights, AdamW, bases) and held in host memory while writing
 
-Every rank holds the full model and every basis today (layer ownership is a separate issue), so the per-rank
-memory does not shrink with the world size; only the images per rank do.
+With several ranks and ``continual.layer_ownership`` (the default), the continual state is split by the run's own
+assignment (``continual.ownership``, the same function a run calls): each rank holds the sketches of the layers
+it owns when they are Gram matrices plus one layer's gathered blocks in flight (world × d × the widest hook
+block, fp32), and every isvd sketch of its own columns (small; merged on the owner after), decomposes its own
+layers, and in update mode keeps the factors and anchors of the layers it projects; the weights, gradients,
+optimizer state and activations are still per rank (DDP). All bases are also kept in host memory on every rank
+(not counted: GPU memory only).
 """
 from __future__ import annotations
 
@@ -59,9 +64,11 @@ class _ColumnCounter:
 
     def __init__(self) -> None:
         self.columns = 0
+        self.widest_block = 0
 
     def update(self, block: torch.Tensor) -> None:
         self.columns += int(block.shape[1])
+        self.widest_block = max(self.widest_block, int(block.shape[1]))
 
 
 def build_meta_model(model_cfg) -> nn.Module:
@@ -101,7 +108,8 @@ def trace_capture(model: nn.Module, cfg, batch: int, image_size: int,
     with FeatureCapture(layers, counters), counter, live, torch.no_grad():  # type: ignore[arg-type]
         forward(data)
     return {"flops": float(counter.get_total_flops()), "activation_peak_bytes": live.peak,
-            "columns_per_image": {n: c.columns / batch for n, c in counters.items()}}
+            "columns_per_image": {n: c.columns / batch for n, c in counters.items()},
+            "widest_block": {n: c.widest_block for n, c in counters.items()}}
 
 
 def _layer_class(name: str, module: nn.Module) -> str:
@@ -189,7 +197,10 @@ def make_plan(cfg, opts: PlanOptions | None = None) -> dict[str, Any]:
         projection_flops += proj
         row = {"layer": name, "class": _layer_class(name, module), "d": d, "out": out, "columns": columns,
                "sketch": kind, "buffer": buffer if kind == "isvd" else None, "sketch_bytes": cost.peak_bytes,
-               "sketch_flops": cost.flops, "basis_bytes": stored}
+               "sketch_flops": cost.flops, "basis_bytes": stored, "held_bytes": held,
+               "widest_block": capture["widest_block"][name],
+               "decomposition_bytes": 2 * F64 * d * d if kind == "gram" else 3 * F32 * d * r,
+               "projection_flops": proj}
         rows.append(row)
         c = classes[row["class"]]
         c["count"] += 1
@@ -218,6 +229,22 @@ def make_plan(cfg, opts: PlanOptions | None = None) -> dict[str, Any]:
         "checkpoint": {"memory": {"weights": weights, "optimizer": adam, "bases": basis_total},
                        "flops": 0.0, "per": "checkpoint (bytes written)"},
     }
+    ownership = _ownership_plan(cfg, layers, rows, opts.world)
+    if ownership is not None:
+        worst = ownership["worst"]
+        phases["capture"]["memory"]["sketches"] = worst["sketch_bytes"]
+        phases["capture"]["memory"]["sketch_update"] = max(sketch_transient, worst["inflight_bytes"])
+        phases["capture"]["flops"] = per_image_capture * images_per_rank + worst["sketch_flops"]
+        phases["finalise"]["memory"]["sketches"] = worst["sketch_bytes"]
+        phases["finalise"]["memory"]["decomposition"] = worst["decomposition_bytes"]
+        phases["finalise"]["memory"]["bases"] = worst["finalised_basis_bytes"]
+        phases["finalise"]["flops"] = worst["finalise_flops"]
+        if cfg.continual.project == "update":
+            phases["projection"]["memory"]["bases"] = worst["projected_basis_bytes"]
+            phases["projection"]["memory"]["anchors"] = worst["anchor_bytes"]
+            phases["projection"]["flops"] = worst["projection_flops"]
+    elif cfg.continual.project == "update":
+        phases["projection"]["memory"]["anchors"] = sum(F32 * r["out"] * r["d"] for r in rows)
     for phase in phases.values():
         phase["peak_bytes"] = sum(phase["memory"].values())
         phase["largest"] = max(phase["memory"], key=phase["memory"].get)
@@ -243,12 +270,67 @@ def make_plan(cfg, opts: PlanOptions | None = None) -> dict[str, Any]:
                               "basis_bytes": v["basis_bytes"], "projection_flops": v["projection_flops"]}
                           for k, v in sorted(classes.items())},
         "layers": rows,
+        "ownership": ownership,
         "verdict": verdict,
     }
 
 
+def _ownership_plan(cfg, layers: dict[str, nn.Module], rows: list[dict], world: int) -> dict[str, Any] | None:
+    """Per-rank totals of the continual state under the run's layer ownership (None: 1 rank or ownership off)."""
+    from cdad_dist.continual.ownership import assign_owners, capture_ownership, layer_shapes, projection_costs
+
+    if world == 1 or not cfg.continual.layer_ownership:
+        return None
+    by_name = {r["layer"]: r for r in rows}
+    capture = capture_ownership(layers, sketch_options(cfg.continual), world)
+    rank_fraction = cfg.continual.plan_rank_fraction
+    projection = assign_owners(projection_costs(layer_shapes(layers), None, rank_fraction), world)
+    per_rank = []
+    for rank in range(world):
+        owned = [by_name[n] for n in capture.owned(rank)]
+        projected = [by_name[n] for n in projection.owned(rank)]
+        per_rank.append({
+            "layers": len(owned),
+            # Gram sketches live on their owner, which sketches every rank's columns of them; isvd sketches are
+            # on every rank (their own columns) and merged on the owner after the capture
+            "sketch_bytes": sum(r["held_bytes"] for r in owned if r["sketch"] == "gram")
+            + sum(r["held_bytes"] for r in rows if r["sketch"] != "gram"),
+            "sketch_flops": world * sum(r["sketch_flops"] for r in owned if r["sketch"] == "gram")
+            + sum(r["sketch_flops"] for r in rows if r["sketch"] != "gram"),
+            "inflight_bytes": max((world * F32 * r["d"] * r["widest_block"] for r in rows if r["sketch"] == "gram"),
+                                  default=0),
+            "decomposition_bytes": max((r["decomposition_bytes"] for r in owned), default=0),
+            "finalise_flops": sum(9.0 * r["d"] ** 3 for r in owned if r["sketch"] == "gram"),
+            "finalised_basis_bytes": sum(r["basis_bytes"] for r in owned),
+            "projected_layers": len(projected),
+            "projected_basis_bytes": sum(r["basis_bytes"] for r in projected),
+            "anchor_bytes": sum(F32 * r["out"] * r["d"] for r in projected),
+            "projection_flops": sum(r["projection_flops"] for r in projected),
+        })
+    worst = {key: max(p[key] for p in per_rank) for key in per_rank[0]}
+    totals = {key: sum(p[key] for p in per_rank) for key in per_rank[0]}
+    one_rank = {"sketch_bytes": sum(r["held_bytes"] for r in rows),
+                "projection_flops": sum(r["projection_flops"] for r in rows),
+                "anchor_bytes": sum(F32 * r["out"] * r["d"] for r in rows)}
+    # the most loaded rank against what one rank holds / does alone (1/world is a perfect split; isvd sketches
+    # are on every rank, so sketch bytes split only as far as the Gram share goes)
+    return {"world": world, "per_rank": per_rank, "worst": worst,
+            "max_share": {key: worst[key] / one_rank[key] if one_rank[key] else 0.0 for key in one_rank}}
+
+
 def _gib(n: float) -> str:
     return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 2 ** 20:.1f} MiB"
+
+
+def _ownership_lines(ownership: dict[str, Any] | None) -> list[str]:
+    if not ownership:
+        return []
+    share = ownership["max_share"]
+    return [f"Layer ownership over {ownership['world']} ranks: the most loaded rank holds "
+            f"{100 * share['sketch_bytes']:.1f}% of one rank's sketch bytes (Gram sketches split, isvd sketches on "
+            f"every rank), {100 * share['anchor_bytes']:.1f}% of the anchors and does "
+            f"{100 * share['projection_flops']:.1f}% of the projection work ({100 / ownership['world']:.1f}% is a "
+            "perfect split).", ""]
 
 
 def plan_markdown(plan: dict[str, Any]) -> str:
@@ -261,6 +343,7 @@ def plan_markdown(plan: dict[str, Any]) -> str:
              f"({o['capture_images_per_rank']} per rank{', clean + perturbed' if o['capture_perturbed'] else ''}); "
              f"bases at an assumed rank fraction of {o['rank_fraction']}.",
              "",
+             *_ownership_lines(plan.get("ownership")),
              "| phase | peak per rank | largest | compute | per |",
              "|---|---|---|---|---|"]
     for name, p in plan["phases"].items():

@@ -1,0 +1,123 @@
+"""Layer ownership: each protected layer's sketch, decomposition and projection on one rank, results unchanged.
+
+Checked on 2 gloo ranks against the replicated path (every rank sketching and projecting everything) and against
+one process: same bases (column counts exact, subspaces to round-off), weights bit-identical on both ranks, a rank
+without any capture image still takes part, and a mid-task checkpoint's anchors are complete on rank 0.
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+
+import pytest
+import torch
+from torch import nn
+
+from cdad_dist.continual.capture import CaptureConfig
+from cdad_dist.continual.ownership import (LayerShape, assign_owners, capture_ownership, projection_costs,
+                                           projection_ownership)
+from cdad_dist.continual.strategy import CDADStrategy, ContinualConfig, sketch_options
+from dist_utils import run_distributed
+from test_projection import GAMMA, Net, batches_of, make_optimizer, noisy_images, smooth_images, train
+
+
+def _digest(tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _run(ownership: bool, images_on_rank1: int = 32, sketch: str = "auto") -> dict:
+    """Task 0 → end_task → 12 projected AdamW steps of task 1 under DDP (world taken from the process group)."""
+    torch.manual_seed(0)
+    dist = torch.distributed
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    net = Net()
+    cfg = ContinualConfig(gamma=GAMMA, sketch=sketch, layer_ownership=ownership,
+                          capture=CaptureConfig(images=1.0, seed=3))
+    strategy = CDADStrategy(cfg)
+    if world == 1:  # one process sees both ranks' shards, rank 0's first
+        old = torch.cat([smooth_images(32, seed=10), smooth_images(images_on_rank1, seed=11)])
+    else:
+        old = smooth_images(32 if rank == 0 else images_on_rank1, seed=10 + rank)
+    strategy.begin_task(0, net)
+    capture = batches_of(old) if len(old) else []
+    strategy.end_task(0, net, capture, lambda batch: net(batch["image"]))
+    layers = strategy.protected_layers(net)
+    strategy.begin_task(1, net)
+    model = nn.parallel.DistributedDataParallel(net) if world > 1 else net
+    train(net, model, strategy, make_optimizer("adamw", net), noisy_images(32, seed=20), steps=12, seed=2)
+    macs = strategy._projector.step_macs()
+    anchors = strategy.state_dict()["anchor"]
+    del model
+    gc.collect()
+    return {"bases": {n: strategy.store.basis(n, torch.float64) for n in layers},
+            "columns": {n: i["n_columns"] for n, i in strategy.history[-1]["layers"].items()},
+            "weights": _digest(m.weight for m in layers.values()),
+            "weight_values": {n: m.weight.detach().clone() for n, m in layers.items()},
+            "macs": macs, "anchor_layers": sorted(anchors["weights"]) if anchors else [],
+            "projected": sorted(strategy._projector.names),
+            "sketch_peak": strategy.history[-1]["sketch_peak_bytes_per_rank"]}
+
+
+def _two_rank_pair(images_on_rank1: int) -> dict:
+    return {"owned": _run(True, images_on_rank1), "replicated": _run(False, images_on_rank1)}
+
+
+def _angle(A: torch.Tensor, B: torch.Tensor) -> float:
+    if A.shape[1] == 0 and B.shape[1] == 0:
+        return 0.0
+    return float(torch.asin(torch.clamp(torch.linalg.matrix_norm(B - A @ (A.mT @ B), ord=2), max=1.0)))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("images_on_rank1", [32, 0])
+def test_owned_layers_give_the_replicated_and_single_process_results(images_on_rank1):
+    r0, r1 = run_distributed(_two_rank_pair, world_size=2, args=(images_on_rank1,), timeout=120)
+    single = _run(True, images_on_rank1)
+    owned, replicated = r0["owned"], r0["replicated"]
+    assert owned["weights"] == r1["owned"]["weights"]  # bit-identical weights on both ranks
+    for name, U in single["bases"].items():
+        assert owned["columns"][name] == replicated["columns"][name] == single["columns"][name]
+        assert owned["bases"][name].shape == single["bases"][name].shape, name
+        assert torch.equal(owned["bases"][name], r1["owned"]["bases"][name])
+        assert _angle(owned["bases"][name], U) < 1e-4, name
+        assert _angle(replicated["bases"][name], U) < 1e-4, name
+    for name, W in replicated["weight_values"].items():
+        assert torch.allclose(owned["weight_values"][name], W, rtol=0, atol=1e-5), name
+    # the work is split: each rank projects its own layers, together every projected layer once
+    assert owned["macs"] + r1["owned"]["macs"] == pytest.approx(replicated["macs"])
+    assert 0 < owned["macs"] < replicated["macs"]
+    # rank 0's mid-task checkpoint holds every layer's anchor, though it anchors only its own
+    assert owned["anchor_layers"] == replicated["anchor_layers"] == owned["projected"]
+    # no rank holds the whole sketch state
+    assert max(owned["sketch_peak"]) < sum(single["sketch_peak"])
+
+
+def test_assignment_is_deterministic_and_balanced_per_resource():
+    costs = {f"l{i}": (float(i % 7 + 1), float((i * 5) % 11 + 1)) for i in range(40)}
+    a, b = assign_owners(costs, 4), assign_owners(dict(reversed(list(costs.items()))), 4)
+    assert a.owners == b.owners
+    for resource in (0, 1):
+        assert a.max_share(resource) <= 0.25 * 1.15
+    assert assign_owners(costs, 1).owners == {n: 0 for n in costs}
+    with pytest.raises(ValueError):
+        assign_owners(costs, 0)
+
+
+def test_the_tiny_model_splits_sketch_memory_and_projection_work_over_two_ranks():
+    from cdad_dist.models.presets import ModelConfig, build_model
+
+    model = build_model(ModelConfig(preset="tiny"))
+    strategy = CDADStrategy(ContinualConfig())
+    layers = strategy.protected_layers(model)
+    capture = capture_ownership(layers, sketch_options(strategy.cfg), 2)
+    assert set(capture.owners) == set(layers) and set(capture.owners.values()) == {0, 1}
+    assert capture.max_share(0) <= 0.6  # sketch bytes
+    shapes = {n: LayerShape(int(m.weight.shape[0]), int(m.weight[0].numel())) for n, m in layers.items()}
+    widths = {n: max(1, s.d // 3) for n, s in shapes.items()}
+    projection = projection_ownership(layers, widths, 2)
+    assert projection.max_share(1) <= 0.55  # projection MACs per step
+    total = sum(c[1] for c in projection_costs(shapes, widths).values())
+    assert sum(load[1] for load in projection.loads) == pytest.approx(total)
