@@ -308,7 +308,6 @@ def _ownership_plan(cfg, layers: dict[str, nn.Module], rows: list[dict], world: 
             "projection_flops": sum(r["projection_flops"] for r in projected),
         })
     worst = {key: max(p[key] for p in per_rank) for key in per_rank[0]}
-    totals = {key: sum(p[key] for p in per_rank) for key in per_rank[0]}
     one_rank = {"sketch_bytes": sum(r["held_bytes"] for r in rows),
                 "projection_flops": sum(r["projection_flops"] for r in rows),
                 "anchor_bytes": sum(F32 * r["out"] * r["d"] for r in rows)}
