@@ -98,7 +98,7 @@ def run(quick: bool, out_dir=None, *, cfg: StorageBenchConfig | None = None, log
         batches = [{"image": images[i:i + 8]} for i in range(0, len(images), 8)]
         forward = make_capture_forward(model, capture, ReconstructionConfig(start_t=300))
         strategy.end_task(t, model, batches, forward)
-        referencing.end_task(t, model, batches, make_capture_forward(model, capture, ReconstructionConfig(start_t=300)))
+        referencing.end_task(t, model, batches, forward)
         store = strategy.store
         checkpoint = {"embedded": _state_bytes(strategy.state_dict()),
                       "referenced": _state_bytes(referencing.state_dict()),

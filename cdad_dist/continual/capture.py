@@ -8,8 +8,8 @@ are never held together.
 With layer ownership (``OwnerExchange``, several ranks) the sketch of a summed layer (Gram: d² floats however many
 columns) exists on its owner only: at every hook call all ranks gather their blocks on the owner, which feeds them
 to the sketch in rank order. Merged sketches (iSVD: small, d × (r + buffer), but its folds are the capture's
-dearest compute) stay on every rank, so their folds run in parallel, and are merged on the owner afterwards. The ranks run their
-capture forwards in lockstep (``lockstep_batches``: a rank out of images runs its last batch again, contributing
+dearest compute) stay on every rank, so their folds run in parallel, and are merged on the owner afterwards.
+The ranks run their capture forwards in lockstep (``lockstep_batches``: a rank out of images runs its last batch again, contributing
 no columns), so every rank makes the same collectives in the same order. Per rank, the sketch memory is the owned
 layers' share plus one layer's gathered blocks in flight.
 """
@@ -133,8 +133,11 @@ class OwnerExchange:
 
     def __init__(self, owners: dict[str, int], rank: int, world: int, group=None,
                  streamed: set[str] | None = None) -> None:
+        from cdad_dist.continual.reducer import comm_device
+
         self.owners, self.rank, self.world, self.group = owners, rank, world, group
         self.streamed = set(owners) if streamed is None else set(streamed)
+        self.device = comm_device(group)  # once: the hooks below run at every layer call
         self.inflight_peak_bytes = 0  # the largest set of gathered blocks held at once (on an owner)
         self.sent_bytes = 0
 
@@ -145,9 +148,7 @@ class OwnerExchange:
     def deliver(self, name: str, block: Tensor, sketch: Sketch, sketch_device: torch.device | None) -> None:
         import torch.distributed as dist
 
-        from cdad_dist.continual.reducer import comm_device
-
-        device = comm_device(self.group)
+        device = self.device
         width = torch.tensor([block.shape[1]], dtype=torch.int64, device=device)
         widths = [torch.zeros_like(width) for _ in range(self.world)]
         dist.all_gather(widths, width, group=self.group)
@@ -172,7 +173,7 @@ class OwnerExchange:
                 sketch.update(part.to(sketch_device) if sketch_device is not None else part)
 
 
-def lockstep_batches(batches, capture: FeatureCapture, group=None):
+def lockstep_batches(batches, capture: FeatureCapture):
     """Yield this rank's batches while any rank still has one; a rank out of batches repeats its last one (or
     another rank's first, if it had none) with ``capture.contributing = False``, so every rank runs the same
     forwards and hook collectives. Without an exchange the batches pass through unchanged."""
@@ -181,10 +182,7 @@ def lockstep_batches(batches, capture: FeatureCapture, group=None):
         return
     import torch.distributed as dist
 
-    from cdad_dist.continual.reducer import comm_device
-
-    world = capture.exchange.world
-    device = comm_device(group)
+    world, device, group = capture.exchange.world, capture.exchange.device, capture.exchange.group
     iterator = iter(batches)
     template = None
     try:

@@ -78,9 +78,6 @@ class Ownership:
         total = sum(load[resource] for load in self.loads)
         return max(load[resource] for load in self.loads) / total if total > 0 else 1.0 / self.world
 
-    def to_dict(self) -> dict:
-        return {"world": self.world, "owners": dict(sorted(self.owners.items())), "loads": self.loads}
-
 
 def assign_owners(costs: Mapping[str, tuple[float, ...]], world: int) -> Ownership:
     """Owners of the layers given each layer's cost vector (same units per position across layers)."""

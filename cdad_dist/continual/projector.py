@@ -125,8 +125,7 @@ class Projector:
 
     def step_macs(self) -> float:
         """Multiply-adds this rank spends per projection step (2·out·d·columns per owned layer)."""
-        return sum(2.0 * t.anchor_shape()[0] * t.factor.shape[0] * t.factor.shape[1]
-                   for n, t in self._targets.items() if self.owns(n))
+        return sum(2.0 * t.weight.shape[0] * t.factor.numel() for n, t in self._targets.items() if self.owns(n))
 
     @property
     def saturated(self) -> list[str]:

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from cdad_dist.continual import ownership
 from cdad_dist.continual.sketches import Sketch
 
 log = logging.getLogger(__name__)
@@ -54,14 +55,8 @@ def bases_digest(bases: dict[str, Tensor]) -> str:
 
 
 def assign_owners(costs: dict[str, float], world: int) -> dict[str, int]:
-    """Greedy longest-processing-time assignment of layers to ranks; deterministic given the costs."""
-    loads = [0.0] * world
-    owners = {}
-    for name in sorted(costs, key=lambda n: (-costs[n], n)):
-        rank = min(range(world), key=lambda r: (loads[r], r))
-        owners[name] = rank
-        loads[rank] += costs[name]
-    return owners
+    """Owners balancing one scalar cost per layer (``ownership.assign_owners`` with a single resource)."""
+    return ownership.assign_owners({name: (cost,) for name, cost in costs.items()}, world).owners
 
 
 def comm_device(group=None) -> torch.device:
