@@ -104,10 +104,8 @@ def _cmd_shards_build(args) -> int:
     from cdad_dist.data.catalog import scan_dataset
     from cdad_dist.data.shards import build_shards
 
-    kwargs = {"name": args.name} if args.dataset == "folder" else {}
-    if args.dataset == "visa" and args.split_csv:
-        kwargs["split_csv"] = args.split_csv
-    catalog = scan_dataset(args.dataset, Path(args.root), skip_bad=args.skip_bad, **kwargs)
+    catalog = scan_dataset(args.dataset, Path(args.root), name=args.name, split_csv=args.split_csv,
+                           skip_bad=args.skip_bad)
     if catalog.skipped:
         print(f"skipped {len(catalog.skipped)} bad sample(s):")
         for path, reason in catalog.skipped:
@@ -147,7 +145,7 @@ def _cmd_predict(args) -> int:
     predict(
         Path(args.run), [Path(p) for p in args.inputs], Path(args.out), task=args.task, threshold=args.threshold,
         calibration_images=[Path(p) for p in args.calibrate] if args.calibrate else None, quantile=args.quantile,
-        device=args.device, batch_size=args.batch_size,
+        device=args.device, batch_size=args.batch_size, map_kind=args.map,
     )
     return 0
 
@@ -176,7 +174,8 @@ def _cmd_bench(args) -> int:
 
     strategies = [s for s in args.strategies.split(",") if s] if args.strategies else None
     results = run_benchmarks(args.name, quick=args.quick, out_dir=Path(args.out), config=args.config,
-                             strategies=strategies, seeds=args.seeds, sequence=args.sequence)
+                             strategies=strategies, seeds=args.seeds, sequence=args.sequence,
+                             compare_maps=args.maps)
     print(json.dumps({k: v.get("summary", "") for k, v in results.items()}, indent=2))
     return 0
 
@@ -203,7 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     shards = sub.add_parser("shards", help="build or verify WebDataset shards").add_subparsers(dest="action", required=True)
     build = shards.add_parser("build")
-    build.add_argument("--dataset", choices=["mvtec", "visa", "folder"], required=True)
+    from cdad_dist.data.formats import DATASET_REGISTRY
+
+    build.add_argument("--dataset", choices=sorted(DATASET_REGISTRY), required=True,
+                       help="the dataset format (data/formats.py)")
     build.add_argument("--root", required=True)
     build.add_argument("--out", required=True)
     build.add_argument("--size", type=int, default=None, help="pre-resize images to SIZE×SIZE")
@@ -235,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="set the threshold from normal images or folders: their --quantile of scores")
     predict.add_argument("--quantile", type=float, default=0.99,
                          help="quantile of the normal scores used by --calibrate (default 0.99: ~1%% flagged)")
+    predict.add_argument("--map", default=None, choices=["features", "head", "fused"],
+                         help="the scored map (default: the run's eval.map; head/fused need model.seg_head)")
     predict.add_argument("--out", required=True, help="output folder (reused: maps no longer listed are removed)")
     predict.add_argument("--device", default=None, help="torch device, e.g. cuda:1 or cpu (default: cuda if any)")
     predict.add_argument("--batch-size", type=int, default=None, dest="batch_size",
@@ -261,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(func=_cmd_plan)
 
     bench = sub.add_parser("bench", help="benchmarks; each prints ratios measured in one run")
-    bench.add_argument("name", help="isvd | projection | inference | continual | throughput | basis | storage | plan | all")
+    bench.add_argument("name", help="isvd | projection | inference | continual | throughput | basis | storage | plan | replaycad | all")
     bench.add_argument("--quick", action="store_true")
     bench.add_argument("--out", default="runs/bench")
     bench.add_argument("--config", default=None,
@@ -274,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "task, 6 tasks: where projection saturates)")
     bench.add_argument("--seeds", type=int, default=1,
                        help="`continual` only: repeat the study with N seeds; mean ± std and error bars")
+    bench.add_argument("--maps", action="store_true",
+                       help="`continual` only: train with the segmentation head and compare the features, head "
+                            "and fused maps (pixel AUROC / AP / AUPRO per task, the head's training cost)")
     bench.set_defaults(func=_cmd_bench)
     return parser
 

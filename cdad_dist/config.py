@@ -16,10 +16,14 @@ from typing import Any, Literal
 import dacite
 import yaml
 
+from cdad_dist.config_checks import check_choices
 from cdad_dist.continual.config import ContinualConfig
+from cdad_dist.data.formats import DATASET_REGISTRY
 from cdad_dist.data.perturb import NSAConfig
+from cdad_dist.data.synthetic import SyntheticAnomalyConfig
 from cdad_dist.errors import ConfigError
 from cdad_dist.eval.anomaly_map import AnomalyMapConfig
+from cdad_dist.eval.head_maps import HeadScoringConfig
 from cdad_dist.eval.metrics import MetricConfig
 from cdad_dist.eval.reconstruct import ReconstructionConfig
 from cdad_dist.models.presets import ModelConfig
@@ -32,7 +36,7 @@ DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 class DataConfig:
     """Where the images come from and how they are streamed."""
 
-    dataset: Literal["demo", "real_photos", "mvtec", "visa", "folder"] = "demo"
+    dataset: str = "demo"  # a format of data/formats.py's registry: demo, real_photos, mvtec, visa, folder
     # dataset root; `demo` and `real_photos` (scikit-image's photographs) are generated there when missing
     root: str = "demo_data"
     folder_name: str = "folder"  # dataset name of a generic folder dataset (`dataset: folder`)
@@ -44,6 +48,11 @@ class DataConfig:
     num_workers: int = 0
     shuffle_buffer: int = 64
     nsa: NSAConfig = field(default_factory=NSAConfig)
+    synthetic: SyntheticAnomalyConfig = field(default_factory=SyntheticAnomalyConfig)  # segmentation head only
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASET_REGISTRY:
+            raise ConfigError(f"data.dataset must be one of {sorted(DATASET_REGISTRY)}, got {self.dataset!r}")
 
 
 @dataclass
@@ -80,6 +89,14 @@ class EvalConfig:
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
     anomaly_map: AnomalyMapConfig = field(default_factory=AnomalyMapConfig)
     metrics: MetricConfig = field(default_factory=MetricConfig)  # pixel-score resolution, AUPRO FPR limit, ...
+    # the scored map: the feature distance, the segmentation head's map, or both fused (eval/head_maps.py)
+    map: Literal["features", "head", "fused"] = "features"
+    head_scoring: HeadScoringConfig = field(default_factory=HeadScoringConfig)
+    # with a head: also record every map kind's metrics (`features.pixel_ap`, `head.…`, `fused.…`)
+    compare_maps: bool = False
+
+    def __post_init__(self) -> None:
+        check_choices(self, "eval")
     batch_size: int = 16
     heatmap_images: int = 2  # per class: this many normal and this many anomalous images in the heatmap grid
     max_test_per_class: int | None = None
@@ -190,11 +207,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     elif path != DEFAULT_CONFIG:
         raise ConfigError(f"config file not found: {path}")
     cfg = config_from_dict(data, source=str(path))  # the file's own errors are the file's
-    for item in overrides or []:  # then each --set, so that an error names the --set that caused it
-        data = apply_overrides(data, [item])
-        cfg = config_from_dict(data, source=f"--set {item}")
-    validate(cfg, str(path), overrides or [])
+    overrides = list(overrides or [])
+    if overrides:
+        cfg = _with_overrides(data, overrides)
+    validate(cfg, str(path), overrides)
     return cfg
+
+
+def _with_overrides(data: dict[str, Any], overrides: list[str]) -> RunConfig:
+    """The config with every --set applied. Keys that depend on each other (a source and the path it needs) are
+    judged together; when the result is invalid, the error names the first --set after the last valid prefix."""
+    prefixes = [data]
+    for item in overrides:
+        prefixes.append(apply_overrides(prefixes[-1], [item]))
+    try:
+        return config_from_dict(prefixes[-1], source=f"--set {overrides[-1]}")
+    except ConfigError as final_error:
+        for j in range(len(overrides) - 1, -1, -1):
+            try:
+                config_from_dict(prefixes[j], source="")
+            except ConfigError:
+                continue
+            config_from_dict(prefixes[j + 1], source=f"--set {overrides[j]}")  # raises, naming that --set
+            break
+        raise final_error
 
 
 def validate(cfg: RunConfig, source: str, overrides: list[str] | None = None) -> None:
@@ -219,6 +255,9 @@ def validate(cfg: RunConfig, source: str, overrides: list[str] | None = None) ->
          "must be > 0 or null (all)"),
         (cfg.train.lr > 0, "train.lr", "must be > 0"),
         (bool(cfg.name) and "/" not in cfg.name, "name", "must be a non-empty directory name"),
+        (cfg.eval.map == "features" or cfg.model.seg_head.enabled, "eval.map",
+         f"={cfg.eval.map!r} needs a segmentation head: set model.seg_head.enabled=true"),
+        (cfg.eval.map in ("features", "head", "fused"), "eval.map", "must be one of features, head, fused"),
     ]
     for ok, key, message in checks:
         if not ok:

@@ -101,6 +101,20 @@ def test_a_bad_set_is_blamed_on_the_set_with_its_dotted_key(tmp_path):
         load_config(tmp_path / "bad.yaml", ["train.lr=0.1"])
 
 
+def test_sets_that_depend_on_each_other_are_judged_together(tmp_path):
+    """A source and the path it needs, in either order; a later bad --set is still the one blamed."""
+    gen = tmp_path / "gen"
+    for part in ("text_encoder", "tokenizer", "unet", "vae"):
+        (gen / part).mkdir(parents=True)
+    both = [f"continual.replay.generative.generator_path={gen}", "continual.replay.source=generative"]
+    for sets in (both, both[::-1]):
+        assert load_config(None, sets).continual.replay.source == "generative"
+    with pytest.raises(ConfigError, match=r"^--set train\.lr=fast"):
+        load_config(None, both[::-1] + ["train.lr=fast"])
+    with pytest.raises(ConfigError, match=r"^--set continual\.replay\.source=generative: .*generator_path"):
+        load_config(None, ["continual.replay.source=generative", "train.lr=0.1"])
+
+
 def test_metric_settings_come_from_yaml():
     cfg = load_config(None, ["eval.metrics.pixel_key_bits=32", "eval.metrics.pro_fpr_limit=0.05"])
     assert cfg.eval.metrics.pixel_key_bits == 32 and cfg.eval.metrics.pro_fpr_limit == 0.05

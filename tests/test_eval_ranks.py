@@ -1,4 +1,5 @@
-"""1 rank and 2 ranks evaluate a model to the same metrics (per-image noise + order-free metric states)."""
+"""1 rank and 2 ranks evaluate a model to the same metrics (per-image noise + order-free metric states), for every
+map kind (features, the segmentation head's, fused with scales calibrated over the ranks)."""
 from __future__ import annotations
 
 import math
@@ -26,16 +27,25 @@ def _evaluate(overrides: list[str], run_dir: str) -> dict:
     torch.manual_seed(0)
     model = build_model(cfg.model)
     evaluator = Evaluator(cfg.eval, cfg.data, resolve_config(cfg.model).image_size, acc, Path(run_dir))
-    return evaluator.evaluate(model, ["demo/carpet", "demo/bottle"], after_task=0)
+    classes = ["demo/carpet", "demo/bottle"]
+    scales = evaluator.calibrate_fusion(model, classes)  # all ranks' normal training images, one all-reduce
+    return {"metrics": evaluator.evaluate(model, classes, after_task=0), "scales": scales}
 
 
 @pytest.mark.distributed
 def test_one_and_two_ranks_give_the_same_metrics(tmp_path):
     demo = make_small_demo(tmp_path / "demo_data")
-    overrides = micro_overrides(tmp_path, demo, extra=["eval.heatmap_images=0"])
+    overrides = micro_overrides(tmp_path, demo, extra=[
+        "eval.heatmap_images=0", "model.seg_head.enabled=true", "model.seg_head.channels=[8, 16]",
+        "eval.map=fused", "eval.compare_maps=true", "eval.head_scoring.calibration_images=7"])
     one = run_distributed(_evaluate, world_size=1, args=(overrides, str(tmp_path / "one")), timeout=300)[0]
     two = run_distributed(_evaluate, world_size=2, args=(overrides, str(tmp_path / "two")), timeout=300)
     assert two[0] == two[1]  # every rank ends with the same numbers
+    assert one["scales"]["images"] == two[0]["scales"]["images"] == 7  # 4 + 3 images on 2 ranks
+    for key in ("features_scale", "head_scale"):
+        assert two[0]["scales"][key] == pytest.approx(one["scales"][key], rel=1e-5), key
+    one, two = one["metrics"], [two[0]["metrics"]]
+    assert {"features.pixel_ap", "head.pixel_ap", "fused.pixel_ap", "pixel_ap"} <= set(one["demo/carpet"])
     for cls, metrics in one.items():
         for name, value in metrics.items():
             assert not math.isnan(value), (cls, name)

@@ -134,7 +134,8 @@ def test_a_mixed_stream_resumed_at_step_k_continues_exactly_where_the_uninterrup
     strategy.end_task(0, None, [], lambda b: None)
     cfg = load_config(None, [f"data.shards={shards}", "data.batch_size=8", "data.shuffle_buffer=4"])
     trainer = SimpleNamespace(cfg=cfg, strategy=strategy, tasks=[["demo/a"], ["demo/b"]], image_size=16,
-                              accelerator=SimpleNamespace(process_index=0, num_processes=1))
+                              accelerator=SimpleNamespace(process_index=0, num_processes=1),
+                              synthesizer=lambda: None)  # no segmentation head
     uninterrupted = ContinualTrainer.training_batches(trainer, 1, 0)
     expected = [next(uninterrupted) for _ in range(5)][3:]
     resumed = ContinualTrainer.training_batches(trainer, 1, 3)

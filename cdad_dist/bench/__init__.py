@@ -21,6 +21,7 @@ BENCHMARKS = {
     "basis": "cdad_dist.bench.basis",
     "storage": "cdad_dist.bench.storage",
     "plan": "cdad_dist.bench.plan",
+    "replaycad": "cdad_dist.bench.replaycad",
 }
 
 
@@ -29,7 +30,7 @@ CONFIGURABLE = ("inference", "continual")  # benchmarks that take a run config (
 
 def run_benchmarks(name: str, *, quick: bool, out_dir: Path, config: str | None = None,
                    strategies: list[str] | None = None, seeds: int = 1,
-                   sequence: str | None = None) -> dict[str, Any]:
+                   sequence: str | None = None, compare_maps: bool = False) -> dict[str, Any]:
     names = list(BENCHMARKS) if name == "all" else [name]
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
@@ -49,6 +50,8 @@ def run_benchmarks(name: str, *, quick: bool, out_dir: Path, config: str | None 
             kwargs["seeds"] = seeds
         if sequence and bench == "continual":
             kwargs["sequence"] = sequence
+        if compare_maps and bench == "continual":
+            kwargs["compare_maps"] = True
         results[bench] = module.run(quick, out_dir / bench, **kwargs)
         seconds = time.perf_counter() - start
         if isinstance(results[bench], dict):

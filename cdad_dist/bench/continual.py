@@ -39,6 +39,7 @@ from cdad_dist.data.sequences import resolve_sequence
 from cdad_dist.engine.checkpoint import list_checkpoints
 from cdad_dist.continual.protocol import build_strategy
 from cdad_dist.errors import ConfigError
+from cdad_dist.eval.head_maps import MAP_KINDS
 from cdad_dist.eval.matrix import AccuracyMatrix
 
 STRATEGIES: dict[str, list[str]] = {
@@ -56,6 +57,10 @@ STRATEGIES: dict[str, list[str]] = {
 # Strategies that train nothing start on their own instead of after the shared base task.
 TRAINING_FREE = ("knn",)
 FM_RATIO_TARGET = 0.25
+MAP_OVERRIDES = ["model.seg_head.enabled=true", "eval.compare_maps=true"]
+MAP_METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "pixel_aupro")
+FUSED_PIXEL_AP_GAIN_TARGET = 10.0   # points of final pixel AP, fused over features, for cdad
+FUSED_IMAGE_AUROC_SLACK = 1.0       # points of image AUROC fused may lose against features
 JOINT_GAP_TARGET_POINTS = 3.0
 
 
@@ -72,6 +77,9 @@ class ContinualBenchConfig:
     seeds: int = 1                         # repeats with seeds seed .. seed + seeds - 1 (mean ± std reported)
     share_base_task: bool = True
     extra_overrides: list[str] = field(default_factory=list)  # any `--set` override, e.g. a smaller model
+    # Train every run with the segmentation head and record the features / head / fused maps' metrics side by
+    # side (same runs: the head never changes the diffusion model's training).
+    compare_maps: bool = False
 
     @classmethod
     def quick(cls, config: str = DEFAULT_CONFIG) -> ContinualBenchConfig:
@@ -107,6 +115,8 @@ def _common_overrides(cfg: ContinualBenchConfig, work: Path) -> list[str]:
         out.append(f"eval.max_test_per_class={cfg.max_test_per_class}")
     if cfg.capture_images is not None:
         out.append(f"continual.capture.images={cfg.capture_images}")
+    if cfg.compare_maps:
+        out += MAP_OVERRIDES
     return out + list(cfg.extra_overrides)
 
 
@@ -180,6 +190,61 @@ def _targets(per: dict[str, Any]) -> dict[str, Any]:
         targets["a_minus_joint_points_image"] = diff
         targets["joint_gap_met"] = bool(diff >= -JOINT_GAP_TARGET_POINTS)
     return targets
+
+
+def map_comparison(matrices: dict[str, AccuracyMatrix]) -> dict[str, Any]:
+    """Per strategy and map kind (features / head / fused): final average (A) and forgetting (FM) in points of
+    each metric in MAP_METRICS, then the segmentation head's targets for cdad."""
+    per: dict[str, Any] = {}
+    for name, m in matrices.items():
+        kinds: dict[str, Any] = {}
+        for kind in MAP_KINDS:
+            if f"{kind}.pixel_ap" not in m.metrics:
+                continue
+            kinds[kind] = {}
+            for metric in MAP_METRICS:
+                s = m.summary(f"{kind}.{metric}")
+                kinds[kind][metric] = {"A": _points(s["final_average"]), "FM": _points(s["forgetting"]),
+                                       "steps": {int(t): _points(v) for t, v in s["step_average"].items()}}
+        if kinds:
+            per[name] = kinds
+    targets: dict[str, Any] = {}
+    c = per.get("cdad")
+    if c and {"features", "fused"} <= set(c):
+        gain = c["fused"]["pixel_ap"]["A"] - c["features"]["pixel_ap"]["A"]
+        drop = c["features"]["image_auroc"]["A"] - c["fused"]["image_auroc"]["A"]
+        targets.update(fused_pixel_ap_gain=gain, fused_image_auroc_drop=drop,
+                       fused_met=bool(gain >= FUSED_PIXEL_AP_GAIN_TARGET and drop <= FUSED_IMAGE_AUROC_SLACK))
+        n = per.get("naive", {}).get("fused")
+        if n:
+            fm_c, fm_n = c["fused"]["pixel_ap"]["FM"], n["pixel_ap"]["FM"]
+            targets.update(fm_ratio_pixel_ap_fused=fm_c / fm_n if fm_n > 0 else math.nan,
+                           fm_ratio_pixel_ap_met=bool(fm_n > 0 and fm_c <= FM_RATIO_TARGET * fm_n))
+    return {"strategies": per, "targets": targets}
+
+
+def maps_lines(maps: dict[str, Any], cost: dict[str, Any] | None = None) -> list[str]:
+    """Markdown: one row per (strategy, map kind) with the final A of every metric and FM of pixel AP."""
+    lines = ["Anomaly maps (points; A = final average over all classes, FM = forgetting):", "",
+             "| Strategy | map | image AUROC | pixel AUROC | pixel AP | AUPRO@0.3 | FM pixel AP |",
+             "|---|---|---|---|---|---|---|"]
+    for name, kinds in maps["strategies"].items():
+        for kind, r in kinds.items():
+            lines.append(f"| {name} | {kind} | " + " | ".join(_fmt1(r[m]["A"]) for m in MAP_METRICS)
+                         + f" | {_fmt(r['pixel_ap']['FM'])} |")
+    t = maps["targets"]
+    if "fused_pixel_ap_gain" in t:
+        lines += ["", f"cdad: fused − features final pixel AP {t['fused_pixel_ap_gain']:+.1f} points (target >= "
+                      f"+{FUSED_PIXEL_AP_GAIN_TARGET:.0f}), image AUROC change {-t['fused_image_auroc_drop']:+.1f} "
+                      f"(target >= -{FUSED_IMAGE_AUROC_SLACK:.0f}): {'MET' if t['fused_met'] else 'NOT MET'}"]
+    if "fm_ratio_pixel_ap_fused" in t:
+        lines.append(f"FM(cdad)/FM(naive) on fused pixel AP = {t['fm_ratio_pixel_ap_fused']:.3f} (target <= "
+                     f"{FM_RATIO_TARGET}: {'MET' if t['fm_ratio_pixel_ap_met'] else 'NOT MET'})")
+    if cost:
+        lines.append(f"Head training cost: {cost['step_s_with_head']:.3f} s/step with the head vs "
+                     f"{cost['step_s_without_head']:.3f} without ({cost['ratio']:.2f}x), batch {cost['batch_size']}, "
+                     f"{cost['device']}.")
+    return lines + [""]
 
 
 def aggregate(summaries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -345,7 +410,7 @@ def _strategy_style(name: str) -> dict[str, Any]:
 
 def run(quick: bool, out_dir, *, cfg: ContinualBenchConfig | None = None, config: str | None = None,
         strategies: list[str] | None = None, seeds: int | None = None, sequence: str | None = None,
-        log=print) -> dict[str, Any]:
+        compare_maps: bool = False, log=print) -> dict[str, Any]:
     config = str(config or DEFAULT_CONFIG)
     cfg = cfg or (ContinualBenchConfig.quick(config) if quick else ContinualBenchConfig(config=config))
     if strategies:
@@ -354,6 +419,8 @@ def run(quick: bool, out_dir, *, cfg: ContinualBenchConfig | None = None, config
         cfg = ContinualBenchConfig(**{**asdict(cfg), "seeds": seeds})
     if sequence is not None:
         cfg = ContinualBenchConfig(**{**asdict(cfg), "sequence": sequence})
+    if compare_maps:
+        cfg = ContinualBenchConfig(**{**asdict(cfg), "compare_maps": True})
     work = Path(out_dir)
     work.mkdir(parents=True, exist_ok=True)
     per_seed = [_run_seed(replace(cfg, seed=cfg.seed + i), work, log) for i in range(cfg.seeds)]
@@ -364,7 +431,11 @@ def run(quick: bool, out_dir, *, cfg: ContinualBenchConfig | None = None, config
     result = {"config": asdict(cfg), "quick": quick, "runs": [p["runs"] for p in per_seed],
               "train_seconds": [p["seconds"] for p in per_seed], **summary, "summary": summary_line(summary)}
     write_json_atomic(work / "continual.json", result)
-    (work / "continual.md").write_text(markdown_table(summary, _test_counts(cfg.config, common)))
+    table = markdown_table(summary, _test_counts(cfg.config, common))
+    if "maps" in summary:
+        table += "\n" + "\n".join(maps_lines(summary["maps"], summary.get("head_cost")))
+        log("\n".join(maps_lines(summary["maps"], summary.get("head_cost"))))
+    (work / "continual.md").write_text(table)
     title = f"bench continual: {Path(cfg.config).name}, {load_config(cfg.config, common).sequence}"
     result["figure"] = str(plot(summary, work / "continual.png", title))
     log(result["summary"])
@@ -393,6 +464,11 @@ def _run_seed(cfg: ContinualBenchConfig, work: Path, log) -> dict[str, Any]:
     results = {name: json.loads((d / "report" / "results.json").read_text()) for name, d in run_dirs.items()}
     matrices = {name: AccuracyMatrix.from_dict(r["matrix"]) for name, r in results.items()}
     summary = summarise(matrices)
+    if cfg.compare_maps:
+        summary["maps"] = map_comparison(matrices)
+        from cdad_dist.bench.head_cost import head_step_cost
+
+        summary["head_cost"] = head_step_cost(cfg.config, common, log=log)
     for name, r in results.items():  # projection's fill per task (Σk/Σd of the bases after each task)
         fill = (r.get("strategy_summary") or {}).get("fill_per_task")
         if fill:

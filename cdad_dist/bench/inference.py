@@ -52,6 +52,7 @@ from cdad_dist.eval.scoring import image_generators, score_batch
 
 QUICK_STEPS = 300
 SPANS = ("denoise", "recon", "total")  # see the module docstring: denoising ⊂ reconstruction ⊂ end to end
+TIMED = SPANS + ("head",)  # the segmentation head's forward, outside the three (0 without a head)
 DEMO_TASK0 = ["demo/carpet", "demo/bottle"]  # task 0 of demo-3x2
 
 
@@ -70,6 +71,7 @@ class InferenceBenchConfig:
     # Architectures whose stage costs are counted besides the measured model (random weights, CPU; sd15 takes
     # ~20 s and ~4 GB): the ratio bounds of the paper's model.
     count_presets: tuple[str, ...] = ("sd15",)
+    seg_head: bool = True  # train the model with the segmentation head, so its forward is timed as well
 
     @classmethod
     def quick(cls, config: str = DEFAULT_CONFIG) -> InferenceBenchConfig:
@@ -123,7 +125,7 @@ def measure_modes(model, extractor, batches: Sequence[dict], eval_cfg: EvalConfi
     for name in names:  # warm-up: first-call allocations and lazy initialisation are not part of the latency
         score_batch(model, extractor, batches[0]["x"], cfgs[name], image_generators(seed, batches[0]["x"]))
     # times[name][span][batch][repeat]
-    times = {name: {span: [[] for _ in batches] for span in SPANS} for name in names}
+    times = {name: {span: [[] for _ in batches] for span in TIMED} for name in names}
     metrics: dict[str, dict[str, ClassMetricAccumulator]] = {name: {} for name in names}
     for r in range(repeats):
         for index, batch in enumerate(batches):
@@ -133,17 +135,18 @@ def measure_modes(model, extractor, batches: Sequence[dict], eval_cfg: EvalConfi
                 times[name]["denoise"][index].append(scored.denoise_s)
                 times[name]["recon"][index].append(scored.recon_s)
                 times[name]["total"][index].append(scored.recon_s + scored.map_s)
+                times[name]["head"][index].append(scored.head_s)
                 if r == 0:  # the noise is seeded: every repeat gives the same maps
                     metrics[name].setdefault(batch["cls"], ClassMetricAccumulator(batch["cls"], eval_cfg.metrics)).update(
                         scored.scores.cpu(), scored.maps.cpu(), batch["label"], batch["mask"])
     results: dict[str, Any] = {}
     for name in names:
         per_class = {cls: acc.compute() for cls, acc in metrics[name].items()}
-        median_pass = {span: sum(statistics.median(t) for t in times[name][span]) for span in SPANS}
+        median_pass = {span: sum(statistics.median(t) for t in times[name][span]) for span in TIMED}
         results[name] = {
             "reconstruction": asdict(modes[name]),
-            **{f"{span}_s_runs": [sum(t[r] for t in times[name][span]) for r in range(repeats)] for span in SPANS},
-            **{f"{span}_ms_per_image": 1e3 * median_pass[span] / n_images for span in SPANS},
+            **{f"{span}_s_runs": [sum(t[r] for t in times[name][span]) for r in range(repeats)] for span in TIMED},
+            **{f"{span}_ms_per_image": 1e3 * median_pass[span] / n_images for span in TIMED},
             "image_auroc": _class_mean(per_class, "image_auroc"),
             "pixel_auroc": _class_mean(per_class, "pixel_auroc"),
             "per_class": per_class,
@@ -170,6 +173,16 @@ def summary_line(measured: dict[str, Any], ddim_steps: int) -> str:
         for name in others
     ]
     return "inference: " + "; ".join(parts)
+
+
+def head_line(measured: dict[str, Any]) -> str | None:
+    """The segmentation head's extra time per image against each mode's reconstruction (None without a head)."""
+    modes = measured["modes"]
+    if not any(r["head_ms_per_image"] > 0 for r in modes.values()):
+        return None
+    parts = [f"{name} +{r['head_ms_per_image']:.2f} ms/image = {r['head_ms_per_image'] / r['recon_ms_per_image']:.2f}x "
+             f"its reconstruction" for name, r in modes.items()]
+    return "  segmentation head (one forward per image): " + "; ".join(parts)
 
 
 def target_check(measured: dict[str, Any]) -> dict[str, Any]:
@@ -226,6 +239,8 @@ def _train_overrides(cfg: InferenceBenchConfig, work: Path) -> list[str]:
         f"sequence={json.dumps([classes])}",
         "continual.strategy=naive",  # one task: the protected bases would never be used
     ]
+    if cfg.seg_head:
+        model.append("model.seg_head.enabled=true")
     if cfg.train_steps is not None:
         model.append(f"train.base_steps={cfg.train_steps}")
     if cfg.image_size is not None:
@@ -311,6 +326,9 @@ def run(quick: bool, out_dir=None, *, cfg: InferenceBenchConfig | None = None, r
             f"({r['speedup_denoise']:5.2f}x)  reconstruction {r['recon_ms_per_image']:8.2f} ms/image "
             f"({r['speedup_recon']:5.2f}x)  end to end {r['total_ms_per_image']:8.2f} ms/image "
             f"({r['speedup_total']:5.2f}x)  image AUROC {r['image_auroc']:.3f}  pixel AUROC {r['pixel_auroc']:.3f}")
+    head = head_line(measured)
+    if head:
+        log(head)
     for line in cost_lines(costs, cfg.ddim_steps):
         log(line)
     summary = summary_line(measured, cfg.ddim_steps)

@@ -225,8 +225,14 @@ def make_capture_forward(model: nn.Module, cfg: CaptureConfig, reconstruction=No
     ``cfg.perturbed``) is passed a second time as training sees it. Noise and timesteps come from one generator
     per image, seeded by (seed, the clean image's pixels) and used for both passes: an image's captured inputs
     do not depend on its batch, its rank or the number of ranks.
+
+    With a segmentation head (``model.seg_head``) the head runs on each pass's input and reconstruction, as at
+    test time, and the batch's synthetic anomalies ("synthetic", the head's training inputs) get a pass of their
+    own: the U-Net and AMN inputs of that pass are captured too, since the head's old-task maps rest on the
+    reconstructions of anomalous inputs staying what they were.
     """
-    from cdad_dist.eval.reconstruct import ReconstructionConfig, image_generators, per_image_randn, reconstruct_latent
+    from cdad_dist.eval.reconstruct import (ReconstructionConfig, image_generators, per_image_randn,
+                                            reconstruct_latent, x0_from_eps)
 
     recon = reconstruction or ReconstructionConfig()
     # The forward passes of test time: a DDIM run gets `ddim_steps` steps from its start; one_step / fused runs
@@ -242,23 +248,37 @@ def make_capture_forward(model: nn.Module, cfg: CaptureConfig, reconstruction=No
         generators = image_generators(cfg.seed, batch["image"])
         x = to_device(batch["image"])
         z0 = model.encode(x)
-        run_passes(z0, model.condition(x), generators)
+        head = getattr(model, "seg_head", None) is not None
+        z_hat = run_passes(z0, model.condition(x), generators)
+        if head:
+            model.head_logits(x, z0, z_hat)
         if cfg.perturbed and "perturbed" in batch:  # the inputs training shows the network (CaptureConfig)
             x_tilde = to_device(batch["perturbed"])
             z_tilde = model.encode(x_tilde) if getattr(model, "denoise_from", "clean") == "perturbed" else z0
-            run_passes(z_tilde, model.condition(x_tilde), generators)
+            z_hat = run_passes(z_tilde, model.condition(x_tilde), generators)
+            if head:
+                model.head_logits(x_tilde, z_tilde, z_hat)
+        if head and "synthetic" in batch:
+            x_syn = to_device(batch["synthetic"])
+            z_syn = model.encode(x_syn)
+            model.head_logits(x_syn, z_syn, run_passes(z_syn, model.condition(x_syn), generators))
 
-    def run_passes(z0: torch.Tensor, c: torch.Tensor, generators: list[torch.Generator]) -> None:
+    def run_passes(z0: torch.Tensor, c: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """The passes of one input; returns the last pass's reconstructed latent (for the head)."""
         if cfg.mode == "trajectory":
             # A DDIM run is `ddim_steps` U-Net calls; a one_step / fused run is one, so it is repeated with
             # `ddim_steps` noise draws at its own t (as many captured inputs per image as a DDIM run).
             for _ in range(1 if trajectory.mode == "ddim" else cfg.ddim_steps):
-                reconstruct_latent(model, z0, c, trajectory, generators)
-            return
+                z_hat = reconstruct_latent(model, z0, c, trajectory, generators)
+            return z_hat
         lo, hi = getattr(model, "train_t_range", (0, num_train))  # the noise levels it trained on
         for _ in range(cfg.random_timesteps):
             noise = per_image_randn(z0, generators)
             t = torch.cat([torch.randint(lo, hi, (1,), generator=g) for g in generators]).to(z0.device)
-            model.predict_eps(model.noise_scheduler.add_noise(z0, noise, t), t, c)
+            z_t = model.noise_scheduler.add_noise(z0, noise, t)
+            eps = model.predict_eps(z_t, t, c)
+        # x̂0 of the last draw, image by image (t differs per image)
+        return torch.stack([x0_from_eps(model.noise_scheduler, z_t[i:i + 1], eps[i:i + 1], int(t[i]))[0]
+                            for i in range(z0.shape[0])])
 
     return capture_forward

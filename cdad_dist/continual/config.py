@@ -91,19 +91,60 @@ class KnnConfig:
 
 
 @dataclass
+class GenerativeReplayConfig:
+    """``continual.replay.generative``: ReplayCAD's compression of each finished class into a frozen local
+    text-to-image LDM (a diffusers folder with text_encoder, tokenizer, unet, vae, optional scheduler) and the
+    generation of ``replay.per_class`` replay images from it (continual/generative_replay.py)."""
+
+    generator_path: str | None = None  # the diffusers folder; never downloaded
+    tokens: int = 20                   # K learned token embeddings per class (the paper's default)
+    mask_tokens: int = 4               # extra context tokens from the foreground mask (spatial branch)
+    mask_dir: str | None = None        # <mask_dir>/<class>/*.png foreground masks; None: the documented fallback
+    steps: int = 300                   # embedding-learning steps per class
+    lr: float = 5e-3
+    batch_size: int = 4
+    ddim_steps: int = 50
+    guidance: float = 5.0              # classifier-free guidance scale
+    template: str = "a photo of a"     # the prompt the tokens follow
+    chunk: int = 8                     # images generated per resumable chunk
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("tokens", "steps", "batch_size", "ddim_steps", "chunk"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"continual.replay.generative.{name} must be >= 1, got {getattr(self, name)}")
+        if self.mask_tokens < 0 or self.lr <= 0 or self.guidance < 0:
+            raise ConfigError("continual.replay.generative: mask_tokens must be >= 0, lr > 0 and guidance >= 0")
+
+
+@dataclass
 class ReplayConfig:
     """``continual.replay``: experience replay for the ``replay`` and ``cdad+replay`` strategies.
 
     After each task a bounded reservoir of each finished class's real training images is written as WebDataset
     shards under ``<run dir>/replay/``; in later tasks that share of every batch comes from them."""
 
-    source: Literal["buffer"] = "buffer"
-    per_class: int = 16      # images kept per finished class
+    source: Literal["buffer", "generative"] = "buffer"  # real images kept, or images generated (ReplayCAD)
+    per_class: int = 16      # images kept (buffer) or generated (generative) per finished class
     ratio: float = 0.25      # share of each training batch drawn from the replay shards (rounded per batch)
     seed: int = 0            # which images the reservoir keeps
+    generative: GenerativeReplayConfig = field(default_factory=GenerativeReplayConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.generative, dict):
+            self.generative = build_section(GenerativeReplayConfig, self.generative, "continual.replay.generative")
         check_choices(self, "continual.replay")
+        if self.source == "generative":
+            path = self.generative.generator_path
+            if not path:
+                raise ConfigError("continual.replay.source=generative needs continual.replay.generative."
+                                  "generator_path (a local diffusers text-to-image folder)")
+            from pathlib import Path
+
+            missing = [d for d in ("text_encoder", "tokenizer", "unet", "vae") if not (Path(path) / d).is_dir()]
+            if missing:
+                raise ConfigError(f"continual.replay.generative.generator_path: {path} lacks {missing} (a diffusers "
+                                  "folder with text_encoder, tokenizer, unet and vae)")
         if self.per_class < 1:
             raise ConfigError(f"continual.replay.per_class must be >= 1, got {self.per_class}")
         if not 0.0 < self.ratio < 1.0:
@@ -117,6 +158,11 @@ class ContinualConfig:
     strategy: StrategyName = "cdad"
     sketch: SketchName = "auto"  # auto: the cost model's choice per layer
     gamma: float = 0.999
+    # Per-layer energy thresholds: glob pattern on the qualified name → γ (first match wins; else `gamma`), as GPM
+    # thresholds layers differently. Default: the segmentation head's small layers (model.seg_head) at 0.95 — at
+    # 0.999 they fill to 94–98 % of their input space after two demo tasks and the head stops learning new
+    # classes (pixel AP of a new class 36 vs 74; docs/benchmarks.md, "Segmentation head").
+    gamma_by_layer: dict[str, float] = field(default_factory=lambda: {"seg_head.*": 0.95})
     project: Literal["update", "grad"] = "update"  # update (holds under AdamW) | grad (paper; exact only for SGD)
     paper_faithful: bool = False  # paper's unscaled iSVD + Eq. 6 cross-task merge
     layer_patterns: LayerPatterns = field(default_factory=LayerPatterns)
@@ -143,6 +189,9 @@ class ContinualConfig:
         check_choices(self, "continual")
         if not 0.0 <= self.gamma <= 1.0:
             raise ConfigError(f"continual.gamma must be in [0, 1], got {self.gamma}")
+        for pattern, value in self.gamma_by_layer.items():
+            if not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+                raise ConfigError(f"continual.gamma_by_layer[{pattern!r}] must be in [0, 1], got {value!r}")
         if self.paper_faithful and self.sketch not in ("auto", "isvd_paper"):
             raise ConfigError(f"continual.paper_faithful uses the paper's iSVD; continual.sketch={self.sketch!r} "
                               "contradicts it (use auto or isvd_paper)")
@@ -152,6 +201,13 @@ class ContinualConfig:
             raise ConfigError(f"continual.isvd_buffer_columns must be >= 1 or null, got {self.isvd_buffer_columns}")
         if not 0.0 < self.plan_rank_fraction <= 1.0:
             raise ConfigError(f"continual.plan_rank_fraction must be in (0, 1], got {self.plan_rank_fraction}")
+
+    def gamma_for(self, name: str) -> float:
+        """γ of protected layer ``name``: the first matching pattern of ``gamma_by_layer``, else ``gamma``."""
+        for pattern, value in self.gamma_by_layer.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                return float(value)
+        return self.gamma
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ContinualConfig:

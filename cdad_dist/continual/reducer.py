@@ -2,8 +2,10 @@
 
 Every rank sketched only its own images. For each layer (sorted by name, so all ranks issue the same
 collectives) one *owner* rank receives the others' sketches, as the sketch declares (``Sketch.reduction``):
-``reduce`` (sum) of summed payloads such as Gram matrices, ``gather`` of merged ones such as iSVD factors U·Σ,
-folded in rank order — then finalises the layer (e.g. the GPM merge with the old basis).
+``reduce`` (sum) of summed payloads such as Gram matrices, and a binary-tree merge of merged ones such as iSVD
+factors U·Σ (in round j, rank owner + i·2^(j+1) + 2^j sends its merged factors to owner + i·2^(j+1), which folds
+them: log2(world) rounds, and no rank ever holds more than its own factors plus one incoming d × r payload, where
+a gather would put world · d · r on the owner) — then finalises the layer (e.g. the GPM merge with the old basis).
 Owners are spread over ranks by estimated cost, so the decompositions of different layers run in parallel.
 Finally every basis is broadcast from its owner; since only the owner computes it, all ranks hold the same bytes,
 which a SHA-256 digest compared across ranks confirms. Only ``torch.distributed`` is used (gloo or NCCL); without
@@ -139,15 +141,6 @@ def _reduce_to_owners(sketches: dict[str, Sketch], names: list[str], owners: dic
                       world: int, device: torch.device, group) -> list[str]:
     """After this, ``sketches[name]`` on its owner holds the merge of all ranks' sketches (entries of the dict are
     replaced); the other ranks' sketches of that layer are released. Returns the names this rank owns."""
-    gathered_names = [n for n in names if sketches[n].reduction == "merge"]
-    widths = torch.zeros(len(gathered_names), dtype=torch.int64, device=device)
-    scalars = []
-    for i, name in enumerate(gathered_names):
-        matrix, sc = sketches[name].to_payload()
-        widths[i] = matrix.shape[1]
-        scalars.append(sc)
-    all_widths = [torch.zeros_like(widths) for _ in range(world)]
-    dist.all_gather(all_widths, widths, group=group)
     owned = []
     for name in names:
         owner = owners[name]
@@ -162,39 +155,42 @@ def _reduce_to_owners(sketches: dict[str, Sketch], names: list[str], owners: dic
             else:
                 sketch.release()
         else:
-            i = gathered_names.index(name)
-            merged = _gather_factor_sketch(sketch, scalars[i], [int(w[i]) for w in all_widths], owner, rank,
-                                           world, device, group)
-            if merged is not None:
-                sketches[name] = merged
+            _tree_merge(sketch, owner, rank, world, device, group)
         if rank == owner:
             owned.append(name)
     return owned
 
 
-def _gather_factor_sketch(sketch: Sketch, scalars: Tensor, widths: list[int], owner: int, rank: int, world: int,
-                          device: torch.device, group) -> Sketch | None:
-    """Gather the (padded) factor matrices and scalars of all ranks on the owner and merge them in rank order."""
-    matrix, _ = sketch.to_payload()
-    width = max(widths)
-    padded = torch.zeros(sketch.d, width, dtype=matrix.dtype, device=device)
-    padded[:, : matrix.shape[1]] = matrix.to(device)
-    sc = scalars.to(device)
-    is_owner = rank == owner
-    mats = [torch.empty_like(padded) for _ in range(world)] if is_owner else None
-    scs = [torch.empty_like(sc) for _ in range(world)] if is_owner else None
-    dist.gather(padded, mats, dst=_group_rank(group, owner), group=group)
-    dist.gather(sc, scs, dst=_group_rank(group, owner), group=group)
-    if not is_owner:
-        sketch.release()
-        return None
-    # Merge in rank order 0..world-1, as one process fed rank 0's blocks first would.
-    merged = sketch.clone_empty()
-    for r in range(world):
-        merged.merge_payload(mats[r][:, : widths[r]], scs[r].cpu())
-    merged.peak_nbytes = max(merged.peak_nbytes, sketch.peak_nbytes)
-    sketch.release()
-    return merged
+def _tree_merge(sketch: Sketch, owner: int, rank: int, world: int, device: torch.device, group) -> None:
+    """Merge every rank's sketch of one layer into the owner's along a binary tree rooted at the owner (ranks
+    relabelled v = (rank − owner) mod world; in round j, v with v mod 2^(j+1) = 2^j sends to v − 2^j). A sender
+    is released after sending. The fold order is fixed by (owner, world), so every run merges alike."""
+    v = (rank - owner) % world
+    step = 1
+    while step < world:
+        if v % (2 * step) == step:  # send my (merged) factors to my parent, then I am done
+            matrix, scalars = sketch.to_payload()
+            dst = _group_rank(group, (v - step + owner) % world)
+            head = torch.tensor([matrix.shape[1]], dtype=torch.int64, device=device)
+            dist.send(head, dst=dst, group=group)
+            if matrix.shape[1]:
+                dist.send(matrix.to(device).contiguous(), dst=dst, group=group)
+            dist.send(scalars.to(device), dst=dst, group=group)
+            sketch.release()
+            return
+        if v % (2 * step) == 0 and v + step < world:  # receive a child's factors and fold them into mine
+            src = _group_rank(group, (v + step + owner) % world)
+            head = torch.zeros(1, dtype=torch.int64, device=device)
+            dist.recv(head, src=src, group=group)
+            matrix, own = sketch.to_payload()  # same kind on every rank: the same payload dtype and scalar count
+            incoming = torch.empty(sketch.d, int(head), dtype=matrix.dtype, device=device)
+            if int(head):
+                dist.recv(incoming, src=src, group=group)
+            scalars = torch.zeros(own.shape, dtype=torch.float64, device=device)
+            dist.recv(scalars, src=src, group=group)
+            sketch.merge_payload(incoming, scalars.cpu())
+            del incoming
+        step *= 2
 
 
 def _broadcast_bases(local: dict[str, Tensor], names: list[str], owners: dict[str, int], rank: int,

@@ -2,7 +2,9 @@
 replay).
 
 After each task a bounded reservoir of every finished class's real training images (``continual.replay.per_class``,
-a seeded uniform subset) is copied into a shard set of the run (``<run dir>/replay/``, data/replay_shards.py); in
+a seeded uniform subset) is copied into a shard set of the run (``<run dir>/replay/``, data/replay_shards.py) —
+or, with ``continual.replay.source: generative`` (ReplayCAD), that many images generated from the class's
+compression into a frozen text-to-image LDM (continual/generative_replay.py) are written there instead; in
 later tasks ``continual.replay.ratio`` of every training batch is drawn from it (the engine mixes the streams,
 each seeded and resumable, split across ranks like any shard set). The engine knows none of this: the strategy
 only answers ``training_sources`` and writes its buffer in ``end_task``.
@@ -32,6 +34,8 @@ class ReplayMixin:
         super().__init__(cfg)
         self._tasks: list[list[str]] | None = None  # from plan_tasks: end_task(t) keeps task t's classes
         self._kept: list[str] = []  # finished classes in the buffer, in task order
+        self._costs: dict[str, dict[str, Any]] = {}  # generative: compression / generation costs per class
+        self._t2i = None  # generative: the frozen text-to-image model, loaded once
 
     def plan_tasks(self, sequence: list[list[str]]) -> list[list[str]]:
         self._tasks = super().plan_tasks(sequence)
@@ -65,26 +69,54 @@ class ReplayMixin:
         rank, world = dist_info()
         if rank == 0:  # one writer; the copy is a function of (shards, seed, class), whoever writes it
             for cls in tasks[task_index]:
-                write_class_buffer(self.context.shards, cls, replay.per_class, self.buffer_dir(), replay.seed)
+                if replay.source == "generative":
+                    self._write_generated(cls)
+                else:
+                    write_class_buffer(self.context.shards, cls, replay.per_class, self.buffer_dir(), replay.seed)
         if world > 1:
             torch.distributed.barrier()
         self._kept = self.replay_classes + [c for c in tasks[task_index] if c not in self.replay_classes]
 
+    def _write_generated(self, cls: str) -> None:
+        """ReplayCAD for one finished class: compress it into the frozen generator, generate its replay images,
+        write them as the class's replay shard (resumable: see generative_replay.py)."""
+        from cdad_dist.continual.generative_replay import FrozenTextToImage, replay_class
+        from cdad_dist.data.replay_shards import generated_samples, write_class_shard
+        from cdad_dist.data.stream import eval_stream
+
+        gen = self.cfg.replay.generative
+        if self._t2i is None:
+            self._t2i = FrozenTextToImage(gen.generator_path, self.context.backend.device)
+        source = load_manifest(self.context.shards)
+        size = source.get("image_size") or self.context.image_size
+        stream = eval_stream(self.context.shards, [cls], split="train", batch_size=16, image_size=size,
+                             rank=0, world_size=1)
+        images = [(img.permute(1, 2, 0).numpy() * 255 + 0.5).clip(0, 255).astype("uint8")
+                  for batch in stream for img in batch["image"]]
+        result = replay_class(self._t2i, gen, cls, images, self.cfg.replay.per_class, int(size),
+                              self.buffer_dir() / "generative", log=print)
+        write_class_shard(self.buffer_dir(), cls, generated_samples(cls, result.pop("images"), "generative"), source)
+        self._costs[cls] = result
+
     def replay_summary(self) -> dict[str, Any]:
         sizes = buffer_bytes(self.buffer_dir()) if self.replay_classes and self.context.run_dir else {}
-        return {"source": self.cfg.replay.source, "per_class": self.cfg.replay.per_class,
-                "ratio": self.cfg.replay.ratio, "classes": self.replay_classes,
-                "bytes_per_class": {c: sizes.get(c) for c in self.replay_classes},
-                "bytes_total": sum(v for v in sizes.values())}
+        out = {"source": self.cfg.replay.source, "per_class": self.cfg.replay.per_class,
+               "ratio": self.cfg.replay.ratio, "classes": self.replay_classes,
+               "bytes_per_class": {c: sizes.get(c) for c in self.replay_classes},
+               "bytes_total": sum(v for v in sizes.values())}
+        if self.cfg.replay.source == "generative":  # what ReplayCAD keeps per class, and what it cost
+            out["generative"] = {c: self._costs.get(c) for c in self.replay_classes}
+        return out
 
     def summary(self) -> dict[str, Any]:
         return {**super().summary(), "replay": self.replay_summary()}
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "replay_classes": self.replay_classes}
+        return {**super().state_dict(), "replay_classes": self.replay_classes, "replay_costs": dict(self._costs)}
 
     def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict({k: v for k, v in state.items() if k != "replay_classes"})
+        super().load_state_dict({k: v for k, v in state.items() if k not in ("replay_classes", "replay_costs")})
+        self._costs = dict(state.get("replay_costs", {}))
         kept = [str(c) for c in state.get("replay_classes", [])]
         if kept and self.context.run_dir is not None:
             self._check_buffer(kept)

@@ -109,7 +109,7 @@ class Sketch(ABC):
 
     kind: str = "?"
     # How the reducer combines the ranks' sketches of a layer: "sum" adds their payloads elementwise (a reduce to
-    # the owner, then ``set_payload``); "merge" gathers the payloads on the owner and folds them in rank order
+    # the owner, then ``set_payload``); "merge" folds them into the owner's along a binary tree of sends
     # (``merge_payload``). The reducer reads only this, never the sketch's type.
     reduction: str = "merge"
 

@@ -283,20 +283,21 @@ class CDADStrategy(ContinualStrategy):
         """Runs on the layer's owner rank: the merged basis of all tasks so far, in its smaller stored form
         (U, or its complement V when k > d/2; computed in float64, then cast to ``basis_dtype``)."""
         out_dtype = basis_dtype(self.cfg.basis_dtype)
+        gamma = self.cfg.gamma_for(name)
         known = name in self.store.bases
         if isinstance(sketch, GramSketch) and not self.cfg.paper_faithful:
             old = self.store.bases[name] if known else None  # in its stored form: merged without forming U
             stored, is_complement, merge = gpm_merge_gram_compact(old, name in self.store.complement, sketch.gram(),
-                                                                  self.cfg.gamma, sketch.n_columns)
+                                                                  gamma, sketch.n_columns)
             info = merge.to_dict()
         else:
             old = self.store.basis(name, torch.float64) if known else None
             if self.cfg.paper_faithful:
-                U = sketch.basis(self.cfg.gamma).to(torch.float64)
+                U = sketch.basis(gamma).to(torch.float64)
                 k_old = 0 if old is None else int(old.shape[1])
                 info = {"d": sketch.d, "k_old": k_old, "k_new": int(U.shape[1]), "n_columns": sketch.n_columns}
             else:
-                U, merge = gpm_merge(old, sketch.factors(), self.cfg.gamma, out_dtype=torch.float64)
+                U, merge = gpm_merge(old, sketch.factors(), gamma, out_dtype=torch.float64)
                 info = merge.to_dict()
             stored, is_complement = compact_form(U)
         info.update(sketch=sketch.kind, sketch_peak_bytes=sketch.peak_nbytes,

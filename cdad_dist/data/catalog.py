@@ -387,16 +387,14 @@ def scan_visa(
 # ----------------------------------------------------------------------------------------------- dispatcher
 
 
-def scan_dataset(kind: str, root: str | Path, **kw) -> Catalog:
-    """Scan a dataset by kind: "mvtec", "visa", "folder" (needs `name=`), or "demo" (= folder named "demo")."""
-    if kind == "mvtec":
-        return scan_mvtec(root, **kw)
-    if kind == "visa":
-        return scan_visa(root, **kw)
-    if kind == "folder":
-        if "name" not in kw:
-            raise DatasetError(f"scan_dataset('folder', {root}): a dataset name= is required")
-        return scan_folder(root, **kw)
-    if kind == "demo":
-        return scan_folder(root, "demo", **kw)
-    raise DatasetError(f"unknown dataset kind {kind!r}; expected 'mvtec', 'visa', 'folder' or 'demo'")
+def scan_dataset(kind: str, root: str | Path, *, name: str | None = None, split_csv: str | Path | None = None,
+                 classes: Iterable[str] | None = None, skip_bad: bool = False, workers: int | None = None) -> Catalog:
+    """Scan a dataset by its format name (the registry of ``data/formats.py``: mvtec, visa, folder (needs
+    ``name``), demo, real_photos)."""
+    from cdad_dist.data.formats import DATASET_REGISTRY, ScanOptions, scan_format
+
+    if kind not in DATASET_REGISTRY:
+        raise DatasetError(f"unknown dataset kind {kind!r}; expected one of {sorted(DATASET_REGISTRY)}")
+    options = ScanOptions(name=name, split_csv=None if split_csv is None else str(split_csv),
+                          classes=None if classes is None else tuple(classes), skip_bad=skip_bad, workers=workers)
+    return scan_format(kind, root, options)

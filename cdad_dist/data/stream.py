@@ -41,7 +41,7 @@ from cdad_dist.errors import ConfigError, ShardError
 Perturber = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
 
 # Distinct stream tags so the different random choices never share a seed sequence.
-_TAG_SHARDS, _TAG_BUFFER, _TAG_PERTURB, _TAG_SUBSET, _TAG_TOTAL = 1, 2, 3, 4, 5
+_TAG_SHARDS, _TAG_BUFFER, _TAG_PERTURB, _TAG_SUBSET, _TAG_TOTAL, _TAG_SYNTH = 1, 2, 3, 4, 5, 6
 
 
 @dataclass
@@ -212,6 +212,9 @@ def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     if "perturbed" in samples[0]:
         batch["perturbed"] = images("perturbed")
         batch["perturb_mask"] = masks("perturb_mask")
+    if "synthetic" in samples[0]:
+        batch["synthetic"] = images("synthetic")
+        batch["synthetic_mask"] = masks("synthetic_mask")
     return batch
 
 
@@ -257,10 +260,11 @@ class _TrainDataset(torch.utils.data.IterableDataset):
     """One rank's training stream; in DataLoader workers each worker yields its own bin's batches."""
 
     def __init__(self, shards: list[_Shard], cfg: StreamConfig, epoch_start: int, perturber: Perturber | None,
-                 rank: int, world_size: int, skip_batches: int) -> None:
+                 rank: int, world_size: int, skip_batches: int, synthesizer: Perturber | None = None) -> None:
         super().__init__()
         self.shards, self.cfg, self.epoch_start = shards, cfg, epoch_start
         self.perturber, self.rank, self.world_size, self.skip_batches = perturber, rank, world_size, skip_batches
+        self.synthesizer = synthesizer
         self.workers = max(1, cfg.num_workers)
         self.bins = world_size * self.workers
         self.mode = "shard" if len(shards) >= self.bins else "sample"
@@ -286,7 +290,8 @@ class _TrainDataset(torch.utils.data.IterableDataset):
         items = self.epoch_items(epoch, worker)
         order = _buffer_order(len(items), cfg.shuffle_buffer, _rng(cfg.seed, epoch, self.rank, worker, _TAG_BUFFER))
         keep = set(order[skip:].tolist())
-        if self.perturber is not None:  # the reservoir at the resume point needs the last skipped images per class
+        if self.perturber is not None or self.synthesizer is not None:
+            # the reservoir at the resume point needs the last skipped images per class
             last: dict[str, list[int]] = {}
             for idx in order[:skip][::-1].tolist():
                 ring = last.setdefault(self.shards[items[idx][0]].cls, [])
@@ -308,12 +313,13 @@ class _TrainDataset(torch.utils.data.IterableDataset):
                 if p < skip:
                     reservoir.add(cls, raw, None)
                     continue
-                yield self._sample(raw, cls, reservoir, _rng(cfg.seed, epoch, self.rank, worker, p, _TAG_PERTURB))
+                yield self._sample(raw, cls, reservoir, _rng(cfg.seed, epoch, self.rank, worker, p, _TAG_PERTURB),
+                                   _rng(cfg.seed, epoch, self.rank, worker, p, _TAG_SYNTH))
         finally:
             reader.close()
 
-    def _sample(self, raw: dict[str, Any], cls: str, reservoir: _Reservoir,
-                rng: np.random.Generator) -> dict[str, Any]:
+    def _sample(self, raw: dict[str, Any], cls: str, reservoir: _Reservoir, rng: np.random.Generator,
+                synth_rng: np.random.Generator) -> dict[str, Any]:
         image, mask, meta = _decode_raw(raw, self.cfg.image_size)
         sample = {"image": image, "mask": mask, "label": int(meta["label"]), "defect": meta["defect"],
                   "cls": cls, "key": raw["__key__"]}
@@ -322,6 +328,11 @@ class _TrainDataset(torch.utils.data.IterableDataset):
             # the very first image of a class in an epoch has no other image yet: it is its own source
             perturbed, pmask = self.perturber(image, image if source is None else source, rng)
             sample["perturbed"], sample["perturb_mask"] = perturbed, pmask
+        if self.synthesizer is not None:  # its own generator: the head's anomalies never shift the NSA draws
+            source = reservoir.draw(cls, synth_rng)
+            sample["synthetic"], sample["synthetic_mask"] = self.synthesizer(
+                image, image if source is None else source, synth_rng)
+        if self.perturber is not None or self.synthesizer is not None:
             reservoir.add(cls, raw, image)
         return sample
 
@@ -379,19 +390,21 @@ class TrainStream:
 
 def train_stream(shard_dir: str | os.PathLike, classes: Sequence[str], *, cfg: StreamConfig, epoch_start: int = 0,
                  perturber: Perturber | None = None, rank: int | None = None, world_size: int | None = None,
-                 skip_batches: int = 0) -> TrainStream:
+                 skip_batches: int = 0, synthesizer: Perturber | None = None) -> TrainStream:
     """Infinite stream of training batches of the classes, for this rank.
 
     The order is a function of (cfg.seed, epoch_start, rank, world_size, cfg.num_workers) only. skip_batches=n
     starts at batch n of that sequence without decoding the skipped samples, so a resumed run sees the same data.
-    rank/world_size default to torch.distributed's when it is initialised.
+    rank/world_size default to torch.distributed's when it is initialised. synthesizer adds the segmentation
+    head's synthetic anomaly of each image ("synthetic", "synthetic_mask"), from its own seeded generator.
     """
     classes = _check_classes(classes)
     if epoch_start < 0 or skip_batches < 0:
         raise ConfigError(f"epoch_start and skip_batches must be >= 0, got {epoch_start}, {skip_batches}")
     rank, world_size = _resolve_rank(rank, world_size)
     _, shards = _load_task(shard_dir, classes, "train")
-    return TrainStream(_TrainDataset(shards, cfg, epoch_start, perturber, rank, world_size, skip_batches))
+    return TrainStream(_TrainDataset(shards, cfg, epoch_start, perturber, rank, world_size, skip_batches,
+                                     synthesizer))
 
 
 def split_batch_size(batch_size: int, weights: Sequence[float]) -> list[int]:
@@ -436,9 +449,9 @@ class EvalStream:
     """Finite batches of this rank's share of the classes' samples: sample i of the task goes to rank i % world."""
 
     def __init__(self, shards: list[_Shard], items: list[tuple[int, int]], batch_size: int, image_size: int,
-                 perturber: Perturber | None = None, seed: int = 0) -> None:
+                 perturber: Perturber | None = None, seed: int = 0, synthesizer: Perturber | None = None) -> None:
         self.shards, self.items, self.batch_size, self.image_size = shards, items, batch_size, image_size
-        self.perturber, self.seed = perturber, seed
+        self.perturber, self.seed, self.synthesizer = perturber, seed, synthesizer
 
     @property
     def num_samples(self) -> int:
@@ -457,6 +470,9 @@ class EvalStream:
                 # whatever the rank split or batch order.
                 rng = _rng(self.seed, zlib.crc32(raw["__key__"].encode()), _TAG_PERTURB)
                 sample["perturbed"], sample["perturb_mask"] = self.perturber(image, image, rng)
+            if self.synthesizer is not None:
+                rng = _rng(self.seed, zlib.crc32(raw["__key__"].encode()), _TAG_SYNTH)
+                sample["synthetic"], sample["synthetic_mask"] = self.synthesizer(image, image, rng)
             yield sample
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -479,13 +495,13 @@ def _subset(n: int, qc: str, limit: int | None, fraction: float | None, seed: in
 def eval_stream(shard_dir: str | os.PathLike, classes: Sequence[str], *, split: str = "test", batch_size: int,
                 image_size: int, rank: int | None = None, world_size: int | None = None, limit: int | None = None,
                 fraction: float | None = None, total: int | None = None, seed: int = 0,
-                perturber: Perturber | None = None) -> EvalStream:
+                perturber: Perturber | None = None, synthesizer: Perturber | None = None) -> EvalStream:
     """Every sample of the classes' split exactly once across ranks, in a fixed order, without shuffling.
 
     limit / fraction keep a seeded subset of each class, and total a seeded subset of all of them, before the
     rank split (basis capture on split="train"): the chosen images do not depend on the number of ranks.
     perturber adds each image's seeded training perturbation ("perturbed"), for a capture of the inputs that
-    training shows the network.
+    training shows the network; synthesizer the segmentation head's synthetic anomaly ("synthetic").
     Ranks get ceil or floor of the chosen count / world samples; the last batch may be short.
     """
     classes = _check_classes(classes)
@@ -506,4 +522,4 @@ def eval_stream(shard_dir: str | os.PathLike, classes: Sequence[str], *, split: 
     if total is not None and total < len(items):
         chosen = _rng(seed, _TAG_TOTAL).choice(len(items), size=total, replace=False)
         items = [items[i] for i in sorted(int(i) for i in chosen)]
-    return EvalStream(shards, items[rank::world_size], batch_size, image_size, perturber, seed)
+    return EvalStream(shards, items[rank::world_size], batch_size, image_size, perturber, seed, synthesizer)

@@ -4,26 +4,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from cdad_dist.config import DataConfig
-from cdad_dist.data.catalog import scan_dataset
-from cdad_dist.data.demo import make_demo_dataset
+from cdad_dist.data.formats import ScanOptions, scan_format
 from cdad_dist.data.shards import build_shards, load_manifest
 
 
 def scan_configured_dataset(data: DataConfig):
-    root = Path(data.root)
-    if data.dataset == "demo":
-        if not root.exists():
-            make_demo_dataset(root)
-        return scan_dataset("folder", root, name="demo", skip_bad=data.skip_bad)
-    if data.dataset == "real_photos":
-        if not root.exists():
-            from cdad_dist.data.real_photos import make_real_dataset
-
-            make_real_dataset(root)
-        return scan_dataset("folder", root, name="real", skip_bad=data.skip_bad)
-    if data.dataset == "folder":
-        return scan_dataset("folder", root, name=data.folder_name, skip_bad=data.skip_bad)
-    return scan_dataset(data.dataset, root, skip_bad=data.skip_bad)
+    """The run's dataset through its format (data/formats.py); generated datasets are written when missing."""
+    options = ScanOptions(name=data.folder_name, skip_bad=data.skip_bad)
+    return scan_format(data.dataset, Path(data.root), options, generate=True)
 
 
 def ensure_shards(data: DataConfig, accelerator, log=print) -> dict:

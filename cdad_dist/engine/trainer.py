@@ -23,6 +23,7 @@ from cdad_dist.config import RunConfig, config_to_dict
 from cdad_dist.continual.capture import make_capture_forward
 from cdad_dist.continual.protocol import CapturePlan, StrategyContext, TrainingSource, build_strategy
 from cdad_dist.data.perturb import NSAPerturber
+from cdad_dist.data.synthetic import SyntheticAnomalies
 from cdad_dist.data.sequences import resolve_sequence
 from cdad_dist.data.shards import manifest_classes
 from cdad_dist.data.stream import (StreamConfig, concat_batches, eval_stream, split_batch_size, steps_per_epoch,
@@ -232,6 +233,10 @@ class ContinualTrainer:
             self.train_task(t, ddp_model, optimizer, scheduler, trainable, steps, start_step)
             self.save(t, steps, task_end=False, training_done=True)
         self.strategy.end_task(t, self.model, self.capture_batches(classes, t), self.capture_forward(t))
+        scales = self.evaluator.calibrate_fusion(self.model, classes, scorer=self.strategy.score_batch)
+        if scales is not None:
+            self.log(f"task {t}: fused-map scales features {scales['features_scale']:.4g}, head "
+                     f"{scales['head_scale']:.4g} (normal training images so far: {scales['images']})")
         results = self.evaluator.evaluate(self.model, self.seen_classes(t), after_task=t,
                                           scorer=self.strategy.score_batch)
         for cls, metrics in results.items():
@@ -292,10 +297,17 @@ class ContinualTrainer:
             streams.append(iter(train_stream(
                 source.shards or cfg.data.shards, list(source.classes), cfg=stream_cfg,
                 perturber=NSAPerturber(cfg.data.nsa), rank=self.accelerator.process_index,
-                world_size=self.accelerator.num_processes, skip_batches=start_step * cfg.train.grad_accum)))
+                world_size=self.accelerator.num_processes, skip_batches=start_step * cfg.train.grad_accum,
+                synthesizer=self.synthesizer())))
         if len(streams) == 1:
             return streams[0]
         return (concat_batches([next(s) for s in streams]) for _ in itertools.count())
+
+    def synthesizer(self) -> SyntheticAnomalies | None:
+        """The segmentation head's synthetic anomalies (data.synthetic), when the model has a head."""
+        if getattr(self.model, "seg_head", None) is None:
+            return None
+        return SyntheticAnomalies(self.cfg.data.synthetic, self.cfg.data.nsa)
 
     def train_step(self, ddp_model, optimizer, scheduler, trainable, batches, t: int, step: int) -> dict[str, Any]:
         """One optimizer step: `grad_accum` micro-batches, clipping, the strategy's hooks around the step.
@@ -311,9 +323,10 @@ class ContinualTrainer:
             batch = self.strategy.transform_batch(next(batches), t)
             generator = step_generator(cfg.train.seed, t, step * cfg.train.grad_accum + micro, acc.process_index)
             with acc.accumulate(ddp_model):
+                synthetic = {k: batch[k].to(acc.device) for k in ("synthetic", "synthetic_mask") if k in batch}
                 out = ddp_model(
-                    batch["image"].to(acc.device), batch["perturbed"].to(acc.device), generator=generator
-                )
+                    batch["image"].to(acc.device), batch["perturbed"].to(acc.device), generator=generator,
+                    **synthetic)
                 extra = self.strategy.extra_loss(self.model, batch, out)
                 if extra is not None:  # the strategy's own term (e.g. a distillation loss), logged on its own
                     out = {**out, "loss": out["loss"] + extra, "strategy_loss": extra}
@@ -326,7 +339,9 @@ class ContinualTrainer:
                     acc.backward(out["loss"])
                 if acc.sync_gradients:
                     if finite_all:
-                        acc.clip_grad_norm_(trainable, cfg.train.max_grad_norm)
+                        # the head is clipped on its own: its gradient never rescales the diffusion model's step
+                        for group in self.model.clip_groups(trainable):
+                            acc.clip_grad_norm_(group, cfg.train.max_grad_norm)
                         optimizer.step()
                         self.strategy.after_optimizer_step(self.model)
                         scheduler.step()
@@ -377,6 +392,7 @@ class ContinualTrainer:
             fraction=images if isinstance(images, float) else None,
             seed=self.cfg.continual.capture.seed,
             perturber=NSAPerturber(self.cfg.data.nsa) if plan.perturbed else None,
+            synthesizer=self.synthesizer(),  # the head's training inputs, captured for its own layers
         )
         return progress(stream, desc=f"task {t} basis capture ({stream.num_samples} images on this rank)",
                         enabled=self.accelerator.is_local_main_process)

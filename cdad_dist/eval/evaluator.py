@@ -14,6 +14,7 @@ from accelerate.utils import gather_object
 
 from cdad_dist.data.stream import eval_stream
 from cdad_dist.eval.anomaly_map import extractor_from_config
+from cdad_dist.eval.head_maps import MAP_KINDS, pool_scale
 from cdad_dist.eval.metrics import ClassMetricAccumulator
 from cdad_dist.eval.recon_quality import psnr
 from cdad_dist.eval.report import save_heatmap_grid, write_report
@@ -64,9 +65,11 @@ class Evaluator:
         model.eval()
         results: dict[str, dict[str, float]] = {}
         for cls in classes:
-            state, examples = self._evaluate_class(model, cls, after_task, scorer)
-            merged = ClassMetricAccumulator.from_states(cls, gather_object([state]), self.cfg.metrics)
-            results[cls] = merged.compute()
+            states, examples = self._evaluate_class(model, cls, after_task, scorer)
+            results[cls] = {}
+            for kind, state in states.items():  # "" = eval.map; "features." / "head." / "fused." = compare_maps
+                merged = ClassMetricAccumulator.from_states(cls, gather_object([state]), self.cfg.metrics)
+                results[cls].update({f"{kind}{name}": v for name, v in merged.compute().items()})
             if merged.n_nonfinite_images:
                 acc.print(f"[eval] task {after_task} class {cls}: {merged.n_nonfinite_images} of {merged.n_images} "
                           "test images had NaN/inf anomaly maps; its metrics are NaN")
@@ -77,9 +80,10 @@ class Evaluator:
         model.train(was_training)
         return results
 
-    def _evaluate_class(self, model, cls: str, after_task: int, scorer=None) -> tuple[dict, _Examples]:
+    def _evaluate_class(self, model, cls: str, after_task: int, scorer=None) -> tuple[dict[str, dict], _Examples]:
         acc = self.accelerator
         metric = ClassMetricAccumulator(cls, self.cfg.metrics)
+        compared = {kind: ClassMetricAccumulator(cls, self.cfg.metrics) for kind in self.compared_kinds(model)}
         examples = _Examples(self.cfg.heatmap_images)
         stream = eval_stream(
             self.data_cfg.shards,
@@ -103,9 +107,51 @@ class Evaluator:
             scored = score_with(scorer, model, self.extractor, x, self.cfg, generator, acc.autocast)
             maps = poison_maps(scored.maps.cpu(), after_task, index, acc.process_index)  # CDAD_FAULT_NAN rehearsal
             metric.update(scored.scores.cpu(), maps, batch["label"], batch["mask"], names=batch["key"])
+            for kind, acc_kind in compared.items():
+                acc_kind.update(scored.scores_by_kind[kind].cpu(), scored.maps_by_kind[kind].cpu(), batch["label"],
+                                batch["mask"], names=batch["key"])
             if acc.is_main_process:
                 examples.add(batch, scored.x_hat, scored.maps, scored.scores)
-        return metric.state_tensors(), examples
+        states = {"": metric.state_tensors()}
+        states.update({f"{kind}.": m.state_tensors() for kind, m in compared.items()})
+        return states, examples
+
+    def compared_kinds(self, model) -> tuple[str, ...]:
+        """Map kinds recorded beside eval.map (``eval.compare_maps`` with a segmentation head)."""
+        if not self.cfg.compare_maps or getattr(model, "seg_head", None) is None:
+            return ()
+        return MAP_KINDS
+
+    @torch.inference_mode()
+    def calibrate_fusion(self, model, classes: list[str], scorer=None) -> dict[str, float] | None:
+        """Pool this task's map scales (mean per-image max of the features and head maps on normal training
+        images, all ranks) into the head's buffers, for ``eval.map: fused``; None without a head."""
+        head = getattr(model, "seg_head", None)
+        if head is None:
+            return None
+        acc, hs = self.accelerator, self.cfg.head_scoring
+        stream = eval_stream(self.data_cfg.shards, classes, split="train", batch_size=self.cfg.batch_size,
+                             image_size=self.image_size, rank=acc.process_index, world_size=acc.num_processes,
+                             total=hs.calibration_images, seed=self.cfg.reconstruction.seed)
+        sums = torch.zeros(3, dtype=torch.float64, device=acc.device)  # Σ max features, Σ max head, count
+        was_training = model.training
+        model.eval()
+        try:
+            for batch in stream:
+                x = batch["image"].to(acc.device)
+                generator = image_generators(self.cfg.reconstruction.seed, batch["image"])
+                scored = score_with(scorer, model, self.extractor, x, self.cfg, generator, acc.autocast)
+                if scored.maps_by_kind is None or "head" not in scored.maps_by_kind:
+                    continue  # a strategy that scores by other means (knn) has no head map to fuse
+                sums[0] += scored.maps_by_kind["features"].flatten(1).amax(1).double().sum()
+                sums[1] += scored.maps_by_kind["head"].flatten(1).amax(1).double().sum()
+                sums[2] += x.shape[0]
+        finally:
+            model.train(was_training)
+        sums = acc.reduce(sums, "sum")
+        pool_scale(head, (sums[:2] / sums[2].clamp_min(1)).to(head.map_scale.device), int(sums[2].item()))
+        return {"features_scale": float(head.map_scale[0]), "head_scale": float(head.map_scale[1]),
+                "images": int(head.map_scale_count)}
 
     def write_report(self, matrix, tasks: list[list[str]], extra: dict[str, Any]) -> dict[str, Path]:
         return write_report(self.run_dir, matrix, tasks, {"name": self.run_dir.name, **extra})

@@ -34,7 +34,7 @@ import csv
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -49,6 +49,7 @@ from cdad_dist.atomic import sha256_file, write_json_atomic
 from cdad_dist.config import RunConfig, load_config
 from cdad_dist.data.images import read_rgb
 from cdad_dist.continual.protocol import ContinualStrategy, StrategyContext, build_strategy
+from cdad_dist.eval.head_maps import MAP_KINDS
 from cdad_dist.engine.checkpoint import MANIFEST, STRATEGY, CheckpointRef, select_task_end
 from cdad_dist.errors import CdadError, CheckpointError
 from cdad_dist.eval.anomaly_map import extractor_from_config
@@ -302,11 +303,13 @@ def _decision(score: float | None, threshold: float | None) -> bool | None:
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "score", "anomalous", "map", "error"])
+        extra = sorted({k for r in rows for k in r if k.startswith("score_")})  # per map kind, with a head
+        writer.writerow(["path", "score", "anomalous", "map", "error", *extra])
         for r in rows:
             decision = "" if r["anomalous"] is None else str(r["anomalous"]).lower()
             score = "" if r["score"] is None else f"{r['score']:.6g}"
-            writer.writerow([r["path"], score, decision, r["map"] or "", r["error"] or ""])
+            kinds = ["" if r.get(k) is None else f"{r[k]:.6g}" for k in extra]
+            writer.writerow([r["path"], score, decision, r["map"] or "", r["error"] or "", *kinds])
 
 
 def _draw_maps(run: LoadedRun, images: Sequence[InputImage], scores: dict[int, float], maps: dict[int, np.ndarray],
@@ -338,17 +341,25 @@ def predict(run_dir: str | Path | LoadedRun, inputs: Sequence[str | Path], out_d
             task: str | int = "latest", threshold: float | None = None,
             calibration_images: Sequence[str | Path] | None = None, quantile: float = 0.99,
             device: str | torch.device | None = None, batch_size: int | None = None,
-            log: Callable[[str], None] = print) -> dict[str, Any]:
+            map_kind: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Score images with a trained run; writes ``scores.csv``, ``scores.json`` and ``maps/*.png`` in ``out_dir``.
 
     ``run_dir`` may also be a ``LoadedRun`` (then ``task`` and ``device`` are ignored), to score several
-    folders without loading the model again. Returns the content of ``scores.json``. Raises CdadError when no
-    input image is found or none can be read (after writing the outputs that say why).
+    folders without loading the model again. ``map_kind`` (features / head / fused) overrides the run's
+    ``eval.map``; with a segmentation head every row also gets the image score of each map kind. Returns the
+    content of ``scores.json``. Raises CdadError when no input image is found or none can be read (after writing
+    the outputs that say why).
     """
     images = collect_images(inputs)
     if not images:
         raise CdadError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) found in {[str(p) for p in inputs]}")
     run = run_dir if isinstance(run_dir, LoadedRun) else load_run(run_dir, task, device)
+    if map_kind is not None and map_kind != run.cfg.eval.map:
+        if map_kind not in MAP_KINDS:
+            raise CdadError(f"--map {map_kind!r}: choose one of {', '.join(MAP_KINDS)}")
+        if map_kind != "features" and getattr(run.model, "seg_head", None) is None:
+            raise CdadError(f"--map {map_kind}: the run {run.run_dir} has no segmentation head (model.seg_head)")
+        run = replace(run, cfg=replace(run.cfg, eval=replace(run.cfg.eval, map=map_kind)))
     source = "given" if threshold is not None else None
     if threshold is None and calibration_images:
         threshold = calibrate_threshold(run, calibration_images, quantile, batch_size=batch_size, log=log)
@@ -357,22 +368,25 @@ def predict(run_dir: str | Path | LoadedRun, inputs: Sequence[str | Path], out_d
     errors: dict[int, str] = {}
     scores: dict[int, float] = {}
     maps: dict[int, np.ndarray] = {}
+    by_kind: dict[int, dict[str, float]] = {}
     for indices, scored in _score_images(run, images, errors, batch_size):
         for j, i in enumerate(indices):
             scores[i] = float(scored.scores[j])
             maps[i] = scored.maps[j, 0].float().cpu().numpy()
+            if scored.scores_by_kind and len(scored.scores_by_kind) > 1:
+                by_kind[i] = {f"score_{k}": float(v[j]) for k, v in scored.scores_by_kind.items()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     scale = _color_scale(maps.values(), threshold)
     map_files = _draw_maps(run, images, scores, maps, threshold, scale, out_dir, errors)
     _remove_stale_maps(out_dir, set(map_files.values()))
     rows = [{"path": str(item.path), "score": scores.get(i), "anomalous": _decision(scores.get(i), threshold),
-             "map": map_files.get(i), "error": errors.get(i)} for i, item in enumerate(images)]
+             "map": map_files.get(i), "error": errors.get(i), **by_kind.get(i, {})} for i, item in enumerate(images)]
     result = {
         "run": str(run.run_dir), "checkpoint": run.checkpoint.path.name, "task": run.checkpoint.task,
         "image_size": run.image_size, "strategy": run.cfg.continual.strategy,
         "scored_by": "strategy" if run.scorer is not None else "reconstruction",
-        "reconstruction": asdict(run.cfg.eval.reconstruction),
+        "reconstruction": asdict(run.cfg.eval.reconstruction), "map_kind": run.cfg.eval.map,
         "threshold": threshold, "threshold_source": source, "map_color_scale": list(scale),
         "n_images": len(images), "n_scored": len(scores), "n_errors": len(errors), "results": rows,
     }

@@ -23,7 +23,6 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
@@ -31,12 +30,11 @@ import torch
 from cdad_dist.config_checks import check_choices
 from cdad_dist.errors import ConfigError
 
-MODES = ("ddim", "one_step", "fused")
 
 
 @dataclass
 class ReconstructionConfig:
-    mode: Literal["ddim", "one_step", "fused"] = "ddim"
+    mode: str = "ddim"          # a name of _MODES: ddim, one_step, fused
     start_t: int = 999          # ddim: noise level of the first step
     steps: int = 10             # ddim: number of U-Net calls
     one_step_t: int = 261       # one_step: ≈ DiffusionAD's 200 (matched ᾱ)
@@ -47,6 +45,8 @@ class ReconstructionConfig:
 
     def __post_init__(self) -> None:
         check_choices(self, "eval.reconstruction")  # the timestep ranges need T: checked where the model is known
+        if self.mode not in _MODES:
+            raise ConfigError(f"eval.reconstruction.mode must be one of {list(_MODES)}, got {self.mode!r}")
 
 
 def _check(cfg: ReconstructionConfig, T: int) -> None:
@@ -161,7 +161,8 @@ def _fused(model, z, c, cfg, generator):
     return x0_from_eps(sched, z_s, eps_guided, cfg.t_s)
 
 
-_MODES = {"ddim": _ddim, "one_step": _one_step, "fused": _fused}
+_MODES = {"ddim": _ddim, "one_step": _one_step, "fused": _fused}  # the reconstruction-mode registry
+MODES = tuple(_MODES)
 
 
 def reconstruct_latent(model, z: torch.Tensor, c: torch.Tensor, cfg: ReconstructionConfig | None = None,

@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Callable, ContextManager
 
 import torch
 
-from cdad_dist.eval.anomaly_map import anomaly_maps
+from cdad_dist.errors import ConfigError
+from cdad_dist.eval.anomaly_map import anomaly_maps, image_scores
+from cdad_dist.eval.head_maps import fuse
 from cdad_dist.eval.reconstruct import Noise, image_generators, reconstruct_latent
 
 if TYPE_CHECKING:
@@ -27,6 +29,11 @@ class ScoredBatch:
     recon_s: float           # wall time of the reconstruction x → x̂ (encode, AMN, denoising, decode)
     map_s: float             # wall time of the reference D(E(x)) decode and the anomaly maps
     denoise_s: float         # the part of recon_s the reconstruction mode does: noising, U-Net calls, updates
+    head_s: float = 0.0      # wall time of the segmentation head's forward (0 without a head)
+    # every map kind the model can give ("features", and with a head "head" and "fused") and its image scores;
+    # ``maps`` / ``scores`` are those of eval.map
+    maps_by_kind: dict[str, torch.Tensor] | None = None
+    scores_by_kind: dict[str, torch.Tensor] | None = None
 
 
 __all__ = ["ScoredBatch", "image_generators", "score_batch", "score_with"]
@@ -64,9 +71,24 @@ def score_batch(model, extractor, x: torch.Tensor, eval_cfg: EvalConfig, generat
         x_ref = model.decode(z).float()
     maps, scores = anomaly_maps(extractor, x_ref, x_hat, eval_cfg.anomaly_map)
     clock.lap("maps")
+    by_kind, score_by_kind = {"features": maps}, {"features": scores}
+    head = getattr(model, "seg_head", None)
+    if head is not None:
+        with compute():
+            head_map = model.head_map(x, z, z_hat)
+        clock.lap("head")
+        hs = eval_cfg.head_scoring
+        by_kind["head"] = head_map
+        by_kind["fused"] = fuse(maps, head_map, head.map_scale)
+        for kind in ("head", "fused"):
+            score_by_kind[kind] = image_scores(by_kind[kind], hs.score, hs.topk)
+    kind = getattr(eval_cfg, "map", "features")
+    if kind not in by_kind:
+        raise ConfigError(f"eval.map={kind!r} needs a segmentation head (model.seg_head.enabled: true)")
     s = clock.seconds
-    return ScoredBatch(x_hat, maps, scores, recon_s=s["prepare"] + s["denoise"] + s["decode"], map_s=s["maps"],
-                       denoise_s=s["denoise"])
+    return ScoredBatch(x_hat, by_kind[kind], score_by_kind[kind], recon_s=s["prepare"] + s["denoise"] + s["decode"],
+                       map_s=s["maps"], denoise_s=s["denoise"], head_s=s.get("head", 0.0), maps_by_kind=by_kind,
+                       scores_by_kind=score_by_kind)
 
 
 def score_with(scorer: Callable | None, model, extractor, x: torch.Tensor, eval_cfg: EvalConfig,

@@ -18,6 +18,7 @@ from torch import nn
 
 from cdad_dist.errors import ConfigError
 from cdad_dist.models.amn import AMN, ATTENTION_BACKENDS
+from cdad_dist.models.seg_head import SegmentationHead, head_loss
 
 # "trailing" spacing so that a DDIM built from this config (``DDIMScheduler.from_config``) starts at t=999 exactly;
 # it does not affect training (add_noise ignores it).
@@ -86,11 +87,13 @@ class CDADModel(nn.Module):
 
     def __init__(self, unet: nn.Module, amn: AMN, first_stage: nn.Module, context: torch.Tensor,
                  lambda_amn: float = 1.0, amn_target_detach: bool = False, amn_loss: str = "normalized",
-                 train_t_range: tuple[int, int] | None = None, denoise_from: str = "clean"):
+                 train_t_range: tuple[int, int] | None = None, denoise_from: str = "clean",
+                 seg_head: SegmentationHead | None = None):
         super().__init__()
         self.unet = unet
         self.amn = amn
         self.first_stage = first_stage
+        self.seg_head = seg_head  # optional (model.seg_head); None keeps every name and checkpoint as before
         if context.ndim != 3 or context.shape[0] != 1:
             raise ConfigError(f"CDADModel: context must be 1×L×D, got {tuple(context.shape)}")
         if context.shape[-1] != unet.config.cross_attention_dim:
@@ -149,9 +152,11 @@ class CDADModel(nn.Module):
         with self._injected(c):
             return self.unet(z_t, t, encoder_hidden_states=context).sample
 
-    def forward(self, image: torch.Tensor, perturbed: torch.Tensor,
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Training loss: ε-MSE on the clean latent conditioned on AMN(x̃) + λ·‖E_no(E_lo(x̃)+pos) − E_lo(x)‖²."""
+    def forward(self, image: torch.Tensor, perturbed: torch.Tensor, generator: torch.Generator | None = None,
+                synthetic: torch.Tensor | None = None,
+                synthetic_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Training loss: ε-MSE on the clean latent conditioned on AMN(x̃) + λ·‖E_no(E_lo(x̃)+pos) − E_lo(x)‖²,
+        plus, with a segmentation head, its loss on the synthetic anomalies (``synthetic``, ``synthetic_mask``)."""
         z = self.encode(image)
         b = z.shape[0]
         dev = generator.device if generator is not None else z.device
@@ -173,21 +178,77 @@ class CDADModel(nn.Module):
         target = local_clean.detach() if self.amn_target_detach else local_clean
         amn_loss = amn_feature_loss(c, target, self.amn_loss)
         eps_loss = F.mse_loss(self.predict_eps(z_t, t, c).float(), eps_target)
-        return {"loss": eps_loss + self.lambda_amn * amn_loss, "eps_loss": eps_loss.detach(),
-                "amn_loss": amn_loss.detach()}
+        out = {"loss": eps_loss + self.lambda_amn * amn_loss, "eps_loss": eps_loss.detach(),
+               "amn_loss": amn_loss.detach()}
+        if self.seg_head is not None:
+            if synthetic is None or synthetic_mask is None:
+                raise ConfigError("CDADModel: the model has a segmentation head, so training batches need "
+                                  "'synthetic' images and 'synthetic_mask' (data.synthetic)")
+            # Drawn after the diffusion loss's t and noise, so enabling the head leaves those unchanged.
+            seg = head_loss(self.head_logits(synthetic, *self.training_reconstruction(synthetic, generator)),
+                            synthetic_mask.to(z.device), self.seg_head.cfg)
+            out["loss"] = out["loss"] + seg
+            out["seg_loss"] = seg.detach()
+        return out
+
+    # ----------------------------------------------------------------- segmentation head
+    @torch.no_grad()
+    def training_reconstruction(self, x: torch.Tensor,
+                                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z, ẑ) for the head's training: the one-step x̂0 (DiffusionAD) of x noised at t ~ U(seg_head.t_range),
+        conditioned by AMN(x) as at test time. No gradient: the head never reaches the U-Net or the AMN."""
+        z = self.encode(x)
+        b = z.shape[0]
+        dev = generator.device if generator is not None else z.device
+        t = torch.randint(*self.seg_head.cfg.t_range, (b,), generator=generator, device=dev).to(z.device)
+        noise = torch.randn(z.shape, generator=generator, device=dev, dtype=z.dtype).to(z.device)
+        z_t = self.noise_scheduler.add_noise(z, noise, t)
+        eps = self.predict_eps(z_t, t, self.condition(x)).float()
+        a = self.noise_scheduler.alphas_cumprod.to(z.device)[t].view(b, 1, 1, 1).float()
+        return z, ((z_t.float() - (1 - a).sqrt() * eps) / a.sqrt()).to(z.dtype)
+
+    def head_logits(self, x: torch.Tensor, z: torch.Tensor, z_hat: torch.Tensor) -> torch.Tensor:
+        """The head's logits for image x (in [0, 1]) with latent z and reconstructed latent ẑ: on ``[x, x̂]``
+        (x̂ = D(ẑ), both mapped to [−1, 1]) or on ``[z, ẑ]``. ẑ is detached whatever the caller passes."""
+        z_hat = z_hat.detach()
+        if self.seg_head.cfg.input == "latent":
+            return self.seg_head(z.detach(), z_hat)
+        with torch.no_grad():
+            x_hat = self.decode(z_hat).float().clamp(0, 1)
+        return self.seg_head(x.float() * 2 - 1, x_hat * 2 - 1)
+
+    def head_map(self, x: torch.Tensor, z: torch.Tensor, z_hat: torch.Tensor) -> torch.Tensor:
+        """Anomaly probability per pixel (B×1×H×W float32 at the image size) from the head."""
+        p = torch.sigmoid(self.head_logits(x, z, z_hat).float())
+        if p.shape[-2:] != x.shape[-2:]:
+            p = F.interpolate(p, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return p
 
     # ----------------------------------------------------------------- bookkeeping
     def protected_modules(self) -> dict[str, nn.Module]:
-        """Every ``nn.Linear``/``nn.Conv2d`` of ``unet`` and ``amn`` by qualified name (``unet.…``, ``amn.…``)."""
+        """Every ``nn.Linear``/``nn.Conv2d`` of ``unet``, ``amn`` and the head by qualified name (``unet.…``,
+        ``amn.…``, ``seg_head.…``)."""
         out: dict[str, nn.Module] = {}
-        for prefix in ("unet", "amn"):
+        for prefix in self._trained_parts():
             for name, mod in getattr(self, prefix).named_modules():
                 if isinstance(mod, (nn.Linear, nn.Conv2d)):
                     out[f"{prefix}.{name}"] = mod
         return out
 
+    def _trained_parts(self) -> tuple[str, ...]:
+        return ("unet", "amn") + (("seg_head",) if self.seg_head is not None else ())
+
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for m in (self.unet, self.amn) for p in m.parameters() if p.requires_grad]
+        return [p for part in self._trained_parts() for p in getattr(self, part).parameters() if p.requires_grad]
+
+    def clip_groups(self, params: list[nn.Parameter]) -> list[list[nn.Parameter]]:
+        """``params`` split into the diffusion model's and the head's, clipped separately so that the head's
+        gradient norm never rescales the diffusion model's step."""
+        if self.seg_head is None:
+            return [params]
+        head = {id(p) for p in self.seg_head.parameters()}
+        groups = [[p for p in params if id(p) not in head], [p for p in params if id(p) in head]]
+        return [g for g in groups if g]
 
     def train(self, mode: bool = True) -> CDADModel:
         super().train(mode)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +24,7 @@ from cdad_dist.errors import ConfigError
 from cdad_dist.models.amn import AMN, ATTENTION_BACKENDS, LOCAL_CHANNELS, AMNConfig, neighbour_mask
 from cdad_dist.models.cdad_model import AMN_LOSSES, DENOISE_FROM, CDADModel
 from cdad_dist.models.first_stage import SpaceToDepthFirstStage, VAEFirstStage
+from cdad_dist.models.seg_head import SegHeadConfig, SegmentationHead
 from cdad_dist.models import loaders
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class ModelConfig:
     denoise_from: str = "clean"
     gradient_checkpointing: bool = False
     attention_backend: str = "sdpa"            # "sdpa" | "xformers"
+    seg_head: SegHeadConfig = field(default_factory=SegHeadConfig)  # DiffusionAD's segmentation head (optional)
     first_stage_dtype: str = "float32"         # compute dtype of the frozen VAE
     init_seed: int = 0                         # seeds random init (AMN always; U-Net/VAE when not loaded)
     # Scales every channel width (U-Net, VAE, cross-attention, GroupNorm groups) and keeps depth and layer types:
@@ -241,11 +243,13 @@ def build_model(cfg: ModelConfig | None = None) -> CDADModel:
                             depth=cfg.amn_depth, heads=cfg.amn_heads, neighbour=cfg.amn_neighbour,
                             ffn_mult=cfg.amn_ffn_mult, dropout=cfg.amn_dropout,
                             local_channels=tuple(cfg.amn_local_channels)))
+        head_channels = 3 if cfg.seg_head.input == "image" else first_stage.latent_channels
+        seg_head = SegmentationHead(cfg.seg_head, head_channels) if cfg.seg_head.enabled else None
     grid = cfg.image_size // first_stage.factor
     neighbour_mask(grid, grid, cfg.amn_neighbour)  # fail now, not at the first step, if k hides everything
     context = _build_context(cfg, unet.config.cross_attention_dim)
     model = CDADModel(unet, amn, first_stage, context, cfg.lambda_amn, cfg.amn_target_detach, cfg.amn_loss,
-                      cfg.train_t_range, cfg.denoise_from)
+                      cfg.train_t_range, cfg.denoise_from, seg_head)
     model.model_config = cfg
     model.train()
     if cfg.gradient_checkpointing:

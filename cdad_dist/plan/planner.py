@@ -88,8 +88,11 @@ def trace_train_step(model: nn.Module, batch: int, image_size: int) -> dict[str,
     """FLOPs and activation peak of one forward + backward at `batch` images."""
     x = torch.empty(batch, 3, image_size, image_size, device="meta")
     counter, live = flop_counter(), TensorBytes()
+    head = {}  # the segmentation head trains on synthetic anomalies: its extra passes are part of the step
+    if getattr(model, "seg_head", None) is not None:
+        head = {"synthetic": x, "synthetic_mask": torch.empty(batch, 1, image_size, image_size, device="meta")}
     with counter, live:
-        out = model(x, x)
+        out = model(x, x, **head)
         out["loss"].backward()
     for p in model.parameters():
         p.grad = None
@@ -104,6 +107,8 @@ def trace_capture(model: nn.Module, cfg, batch: int, image_size: int,
     counters = {name: _ColumnCounter() for name in layers}
     forward = make_capture_forward(model, cfg.continual.capture, cfg.eval.reconstruction)
     data = {"image": x, "perturbed": x} if cfg.continual.capture.perturbed else {"image": x}
+    if getattr(model, "seg_head", None) is not None:
+        data["synthetic"] = x  # the head's training inputs get a capture pass of their own
     counter, live = flop_counter(), TensorBytes()
     with FeatureCapture(layers, counters), counter, live, torch.no_grad():  # type: ignore[arg-type]
         forward(data)
