@@ -158,6 +158,24 @@ def test_two_process_cpu_launch_trains_and_resumes(tmp_path, demo_root):
     assert _captured_images(run_dir) == [4, 4]
 
 
+@pytest.mark.distributed
+def test_two_process_replay_writes_its_buffer_once_and_resumes_with_it(tmp_path, demo_root):
+    """Replay on 2 ranks: rank 0 writes the buffer after task 0 while rank 1 waits; the resumed run (both ranks
+    check the buffer against the checkpoint's kept classes) trains task 1 with the replayed class."""
+    overrides = micro_overrides(tmp_path, demo_root, name="replay2", extra=[
+        "continual.strategy=replay", "continual.replay.per_class=5", "continual.replay.ratio=0.5"])
+    cmd = accelerate_launch_cmd(REPO / "launch" / "cpu-2proc.yaml", REPO / "train.py", overrides)
+    _, second = run_first_task_then_resume(cmd, cwd=tmp_path)
+    run_dir = tmp_path / "runs" / "replay2"
+    assert "resuming from task000" in second.stdout
+    manifest = json.loads((run_dir / "replay" / "manifest.json").read_text())
+    assert {g: e["count"] for g, e in manifest["groups"].items()} == {"demo/carpet/train": 5, "demo/bottle/train": 5}
+    summary = json.loads((run_dir / "report" / "results.json").read_text())["strategy_summary"]["replay"]
+    assert summary["classes"] == ["demo/carpet", "demo/bottle"] and summary["bytes_total"] > 0
+    refs = list_checkpoints(run_dir / "checkpoints")
+    assert [r.task for r in refs if r.task_end] == [0, 1] and (refs[-1].path / "random_states_1.pkl").exists()
+
+
 def test_init_from_another_runs_base_task(tmp_path, demo_root):
     """Several strategies can share one trained base task: weights and row 0 come from it, CDAD builds its bases."""
     base = micro_overrides(tmp_path, demo_root, name="base", extra=["continual.strategy=naive", "tasks=0:1"])

@@ -295,7 +295,7 @@ def test_per_layer_gamma_matches_globs_in_order():
     from cdad_dist.continual.config import ContinualConfig
 
     cfg = ContinualConfig()
-    assert cfg.gamma_for("seg_head.down.0.0") == 0.95 and cfg.gamma_for("unet.conv_in") == cfg.gamma
+    assert cfg.gamma_for("seg_head.down.0.0") == 0.9 and cfg.gamma_for("unet.conv_in") == cfg.gamma
     cfg = ContinualConfig(gamma_by_layer={"unet.down_blocks.*": 0.9, "unet.*": 0.99})
     assert cfg.gamma_for("unet.down_blocks.0.resnets.0.conv1") == 0.9 and cfg.gamma_for("unet.conv_in") == 0.99
     assert cfg.gamma_for("seg_head.out") == cfg.gamma  # the default pattern is replaced, not merged

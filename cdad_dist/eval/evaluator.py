@@ -14,6 +14,7 @@ from accelerate.utils import gather_object
 
 from cdad_dist.data.stream import eval_stream
 from cdad_dist.eval.anomaly_map import extractor_from_config
+from cdad_dist.errors import ConfigError
 from cdad_dist.eval.head_maps import MAP_KINDS, pool_scale
 from cdad_dist.eval.metrics import ClassMetricAccumulator
 from cdad_dist.eval.recon_quality import psnr
@@ -107,6 +108,9 @@ class Evaluator:
             scored = score_with(scorer, model, self.extractor, x, self.cfg, generator, acc.autocast)
             maps = poison_maps(scored.maps.cpu(), after_task, index, acc.process_index)  # CDAD_FAULT_NAN rehearsal
             metric.update(scored.scores.cpu(), maps, batch["label"], batch["mask"], names=batch["key"])
+            if compared and scored.maps_by_kind is None:
+                raise ConfigError("eval.compare_maps: the strategy scores by other means than the model's maps "
+                                  "(e.g. knn); there are no feature / head maps to compare")
             for kind, acc_kind in compared.items():
                 acc_kind.update(scored.scores_by_kind[kind].cpu(), scored.maps_by_kind[kind].cpu(), batch["label"],
                                 batch["mask"], names=batch["key"])

@@ -75,7 +75,7 @@ def score_batch(model, extractor, x: torch.Tensor, eval_cfg: EvalConfig, generat
     head = getattr(model, "seg_head", None)
     if head is not None:
         with compute():
-            head_map = model.head_map(x, z, z_hat)
+            head_map = model.head_map(x, z, z_hat, x_hat)  # x̂ already decoded above
         clock.lap("head")
         hs = eval_cfg.head_scoring
         by_kind["head"] = head_map

@@ -207,19 +207,22 @@ class CDADModel(nn.Module):
         a = self.noise_scheduler.alphas_cumprod.to(z.device)[t].view(b, 1, 1, 1).float()
         return z, ((z_t.float() - (1 - a).sqrt() * eps) / a.sqrt()).to(z.dtype)
 
-    def head_logits(self, x: torch.Tensor, z: torch.Tensor, z_hat: torch.Tensor) -> torch.Tensor:
+    def head_logits(self, x: torch.Tensor, z: torch.Tensor, z_hat: torch.Tensor,
+                    x_hat: torch.Tensor | None = None) -> torch.Tensor:
         """The head's logits for image x (in [0, 1]) with latent z and reconstructed latent ẑ: on ``[x, x̂]``
-        (x̂ = D(ẑ), both mapped to [−1, 1]) or on ``[z, ẑ]``. ẑ is detached whatever the caller passes."""
+        (x̂ = D(ẑ), or the caller's already decoded ``x_hat``; both mapped to [−1, 1]) or on ``[z, ẑ]``. The
+        reconstruction is detached whatever the caller passes."""
         z_hat = z_hat.detach()
         if self.seg_head.cfg.input == "latent":
             return self.seg_head(z.detach(), z_hat)
         with torch.no_grad():
-            x_hat = self.decode(z_hat).float().clamp(0, 1)
-        return self.seg_head(x.float() * 2 - 1, x_hat * 2 - 1)
+            x_hat = (self.decode(z_hat) if x_hat is None else x_hat).float().clamp(0, 1)
+        return self.seg_head(x.float() * 2 - 1, x_hat.detach() * 2 - 1)
 
-    def head_map(self, x: torch.Tensor, z: torch.Tensor, z_hat: torch.Tensor) -> torch.Tensor:
+    def head_map(self, x: torch.Tensor, z: torch.Tensor, z_hat: torch.Tensor,
+                 x_hat: torch.Tensor | None = None) -> torch.Tensor:
         """Anomaly probability per pixel (B×1×H×W float32 at the image size) from the head."""
-        p = torch.sigmoid(self.head_logits(x, z, z_hat).float())
+        p = torch.sigmoid(self.head_logits(x, z, z_hat, x_hat).float())
         if p.shape[-2:] != x.shape[-2:]:
             p = F.interpolate(p, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return p
