@@ -57,7 +57,8 @@ def test_throughput_summary_and_gpu_peaks():
 
 
 def test_every_benchmark_is_registered_and_unknown_names_are_refused(tmp_path):
-    assert set(BENCHMARKS) == {"isvd", "projection", "inference", "continual", "throughput", "basis", "storage", "plan"}
+    assert set(BENCHMARKS) == {"isvd", "projection", "inference", "continual", "throughput", "basis", "storage", "plan",
+                               "replaycad"}
     with pytest.raises(ConfigError, match="unknown benchmark"):
         run_benchmarks("nope", quick=True, out_dir=tmp_path)
 
