@@ -301,3 +301,18 @@ def test_per_layer_gamma_matches_globs_in_order():
     assert cfg.gamma_for("seg_head.out") == cfg.gamma  # the default pattern is replaced, not merged
     with pytest.raises(ConfigError, match="gamma_by_layer"):
         ContinualConfig(gamma_by_layer={"unet.*": 1.5})
+
+
+@pytest.mark.parametrize("kind", ["image", "latent"])
+def test_the_head_loss_and_map_under_bf16_autocast_stay_finite_and_close(kind):
+    """Mixed precision (the launch configs' bf16): the loss is computed in fp32 from bf16 logits."""
+    model = _model(kind)
+    x, synthetic, mask = _batch(b=2)
+    z = model.encode(x)
+    ref = model.head_map(x, z, z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model.head_map(x, z, z)
+        logits = model.head_logits(synthetic, *model.training_reconstruction(synthetic, torch.Generator().manual_seed(0)))
+        loss = head_loss(logits, mask, model.seg_head.cfg)
+    assert low.dtype == torch.float32 and torch.isfinite(low).all() and torch.isfinite(loss)
+    assert (low - ref).abs().max() < 0.05

@@ -92,6 +92,21 @@ class FrozenTextToImage:
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return (self.vae.decode(z / self.scaling).sample.float().clamp(-1, 1) + 1) / 2
 
+    def class_prompt(self, cfg) -> torch.Tensor:
+        """Token ids of "<template> <replay-0> … <replay-K-1>" (the prompt every compression is learned on)."""
+        return self.prompt_ids(f"{cfg.template} " + " ".join(PLACEHOLDER.format(i) for i in range(cfg.tokens)))
+
+    def load_compression(self, comp: ClassCompression, cfg, mask_latent_numel: int) -> MaskTokens | None:
+        """Put a class's K embeddings into the placeholder rows; its mask MLP (None without mask tokens)."""
+        ids = self.add_placeholders(cfg.tokens)
+        with torch.no_grad():
+            self.text_encoder.get_input_embeddings().weight[ids] = comp.embeddings.to(self.device)
+        if not comp.mask_mlp:
+            return None
+        mask_mlp = MaskTokens(mask_latent_numel, cfg.mask_tokens, self.context_dim).to(self.device)
+        mask_mlp.load_state_dict(comp.mask_mlp)
+        return mask_mlp
+
 
 class MaskTokens(nn.Module):
     """The spatial branch: z_mask (C×h×w) → rows of 128 → Linear+ReLU → ``n_tokens`` context tokens."""
@@ -196,7 +211,7 @@ def compress_class(t2i: FrozenTextToImage, images: torch.Tensor, masks: list[np.
             mask_mlp = MaskTokens(zm_all[0].numel(), cfg.mask_tokens, t2i.context_dim).to(t2i.device)
     params = [table] + (list(mask_mlp.parameters()) if mask_mlp is not None else [])
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    prompt = t2i.prompt_ids(f"{cfg.template} " + " ".join(PLACEHOLDER.format(i) for i in range(cfg.tokens)))
+    prompt = t2i.class_prompt(cfg)
     losses = []
     n = len(images)
     try:
@@ -238,15 +253,11 @@ def denoising_loss(t2i: FrozenTextToImage, comp: ClassCompression, images: torch
     ids = t2i.add_placeholders(cfg.tokens)
     table = t2i.text_encoder.get_input_embeddings().weight
     saved = table[ids].clone()
-    table[ids] = comp.embeddings.to(table)
     try:
         z = t2i.encode_images(images)
         zm = t2i.encode_images(_mask_images(masks))
-        mask_mlp = None
-        if comp.mask_mlp:
-            mask_mlp = MaskTokens(zm[0].numel(), cfg.mask_tokens, t2i.context_dim).to(t2i.device)
-            mask_mlp.load_state_dict(comp.mask_mlp)
-        prompt = t2i.prompt_ids(f"{cfg.template} " + " ".join(PLACEHOLDER.format(i) for i in range(cfg.tokens)))
+        mask_mlp = t2i.load_compression(comp, cfg, zm[0].numel())
+        prompt = t2i.class_prompt(cfg)
         context = _context(t2i, prompt.expand(z.shape[0], -1), mask_mlp, zm[torch.arange(len(z)) % len(zm)])
         g = torch.Generator().manual_seed(seed)
         total = 0.0
@@ -289,15 +300,8 @@ def _transform_mask(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def generate_images(t2i: FrozenTextToImage, comp: ClassCompression, masks: list[np.ndarray], n: int, cfg,
                     cls: str, chunk_dir: Path, out_size: int, log=print) -> list[np.ndarray]:
     """``n`` uint8 images (out_size²) of the class; chunks already in ``chunk_dir`` are reused (resume)."""
-    ids = t2i.add_placeholders(cfg.tokens)
-    table = t2i.text_encoder.get_input_embeddings().weight
-    table[ids] = comp.embeddings.to(table)
-    mask_mlp = None
-    if comp.mask_mlp:
-        zm = t2i.encode_images(_mask_images(masks[:1]))
-        mask_mlp = MaskTokens(zm[0].numel(), cfg.mask_tokens, t2i.context_dim).to(t2i.device)
-        mask_mlp.load_state_dict(comp.mask_mlp)
-    cond = t2i.prompt_ids(f"{cfg.template} " + " ".join(PLACEHOLDER.format(i) for i in range(cfg.tokens)))
+    mask_mlp = t2i.load_compression(comp, cfg, t2i.encode_images(_mask_images(masks[:1]))[0].numel())
+    cond = t2i.class_prompt(cfg)
     uncond = t2i.prompt_ids("")
     chunk_dir.mkdir(parents=True, exist_ok=True)
     out: list[np.ndarray] = []

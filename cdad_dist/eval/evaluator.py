@@ -13,7 +13,7 @@ import torch
 from accelerate.utils import gather_object
 
 from cdad_dist.data.stream import eval_stream
-from cdad_dist.eval.anomaly_map import extractor_from_config
+from cdad_dist.eval.anomaly_map import extractor_from_config, image_scores
 from cdad_dist.errors import ConfigError
 from cdad_dist.eval.head_maps import MAP_KINDS, pool_scale
 from cdad_dist.eval.metrics import ClassMetricAccumulator
@@ -66,11 +66,14 @@ class Evaluator:
         model.eval()
         results: dict[str, dict[str, float]] = {}
         for cls in classes:
-            states, examples = self._evaluate_class(model, cls, after_task, scorer)
-            results[cls] = {}
-            for kind, state in states.items():  # "" = eval.map; "features." / "head." / "fused." = compare_maps
-                merged = ClassMetricAccumulator.from_states(cls, gather_object([state]), self.cfg.metrics)
-                results[cls].update({f"{kind}{name}": v for name, v in merged.compute().items()})
+            state, others, examples = self._evaluate_class(model, cls, after_task, scorer)
+            merged = ClassMetricAccumulator.from_states(cls, gather_object([state]), self.cfg.metrics)
+            results[cls] = merged.compute()
+            if self.compared_kinds(model):  # eval.map's own kind under its prefix: the same state, not a second one
+                results[cls].update({f"{self.cfg.map}.{name}": v for name, v in results[cls].items()})
+            for kind, other in others.items():  # the other kinds of compare_maps
+                acc_kind = ClassMetricAccumulator.from_states(cls, gather_object([other]), self.cfg.metrics)
+                results[cls].update({f"{kind}.{name}": v for name, v in acc_kind.compute().items()})
             if merged.n_nonfinite_images:
                 acc.print(f"[eval] task {after_task} class {cls}: {merged.n_nonfinite_images} of {merged.n_images} "
                           "test images had NaN/inf anomaly maps; its metrics are NaN")
@@ -81,10 +84,13 @@ class Evaluator:
         model.train(was_training)
         return results
 
-    def _evaluate_class(self, model, cls: str, after_task: int, scorer=None) -> tuple[dict[str, dict], _Examples]:
+    def _evaluate_class(self, model, cls: str, after_task: int,
+                        scorer=None) -> tuple[dict, dict[str, dict], _Examples]:
+        """This rank's metric state of eval.map, those of the other compared map kinds, and the examples."""
         acc = self.accelerator
         metric = ClassMetricAccumulator(cls, self.cfg.metrics)
-        compared = {kind: ClassMetricAccumulator(cls, self.cfg.metrics) for kind in self.compared_kinds(model)}
+        compared = {kind: ClassMetricAccumulator(cls, self.cfg.metrics)
+                    for kind in self.compared_kinds(model) if kind != self.cfg.map}
         examples = _Examples(self.cfg.heatmap_images)
         stream = eval_stream(
             self.data_cfg.shards,
@@ -116,9 +122,7 @@ class Evaluator:
                                 batch["mask"], names=batch["key"])
             if acc.is_main_process:
                 examples.add(batch, scored.x_hat, scored.maps, scored.scores)
-        states = {"": metric.state_tensors()}
-        states.update({f"{kind}.": m.state_tensors() for kind, m in compared.items()})
-        return states, examples
+        return metric.state_tensors(), {kind: m.state_tensors() for kind, m in compared.items()}, examples
 
     def compared_kinds(self, model) -> tuple[str, ...]:
         """Map kinds recorded beside eval.map (``eval.compare_maps`` with a segmentation head)."""
@@ -147,8 +151,8 @@ class Evaluator:
                 scored = score_with(scorer, model, self.extractor, x, self.cfg, generator, acc.autocast)
                 if scored.maps_by_kind is None or "head" not in scored.maps_by_kind:
                     continue  # a strategy that scores by other means (knn) has no head map to fuse
-                sums[0] += scored.maps_by_kind["features"].flatten(1).amax(1).double().sum()
-                sums[1] += scored.maps_by_kind["head"].flatten(1).amax(1).double().sum()
+                for i, kind in enumerate(("features", "head")):
+                    sums[i] += image_scores(scored.maps_by_kind[kind], "max").double().sum()
                 sums[2] += x.shape[0]
         finally:
             model.train(was_training)
