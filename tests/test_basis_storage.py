@@ -72,3 +72,62 @@ def test_without_a_run_directory_the_state_embeds_the_bases():
     again = CDADStrategy(ContinualConfig())
     again.load_state_dict(state)
     assert torch.equal(again.store.bases["0"], strategy.store.bases["0"])
+
+
+def _bases_for_file():
+    g = torch.Generator().manual_seed(0)
+    column = torch.linalg.qr(torch.randn(7, 7, generator=g))[0][:, 2:3]  # a d × 1 slice with stride 7
+    assert column.stride(-1) != 1  # torch calls it contiguous, but .view(torch.uint8) refuses it
+    return {"a.col": column, "b.wide": torch.randn(5, 3, generator=g), "c.empty": torch.empty(4, 0)}
+
+
+def test_the_streamed_file_is_a_plain_safetensors_file(tmp_path):
+    import hashlib
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from cdad_dist.continual.store import bases_digest
+
+    bases = _bases_for_file()
+    store = BasisStore(bases=bases, task=2, complement={"c.empty"})
+    path = store.save(tmp_path, dtype="bfloat16")
+    back = load_file(str(path))  # the library reads (and validates) what the streamed writer wrote
+    assert set(back) == set(bases)
+    for name, U in bases.items():
+        assert back[name].dtype == torch.bfloat16 and torch.equal(back[name], U.to(torch.bfloat16)), name
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata()
+    assert meta["task"] == "2" and meta["dtype"] == "bfloat16" and meta["complement"] == '["c.empty"]'
+    with store.open_file(tmp_path / "again", "float32") as writer:
+        for name in store.names():
+            writer.write(name, bases[name])
+    assert writer.sha256 == hashlib.sha256(writer.path.read_bytes()).hexdigest()
+    loaded = BasisStore.load(writer.path)
+    assert loaded.complement == {"c.empty"} and loaded.rank("c.empty") == 4
+    assert BasisStore.file_digest(writer.path) == bases_digest(loaded.bases) == bases_digest(bases)
+
+
+def test_a_partial_load_holds_some_layers_and_knows_all(tmp_path):
+    store = BasisStore(bases=_bases_for_file(), task=0, complement={"c.empty"})
+    path = store.save(tmp_path)
+    part = BasisStore.load(path, names=["b.wide"])
+    assert sorted(part.bases) == ["b.wide"] and not part.complete
+    assert part.names() == ["a.col", "b.wide", "c.empty"]
+    assert (part.dim("a.col"), part.rank("a.col"), part.rank("c.empty")) == (7, 1, 4)
+    assert part.total_bytes() == store.total_bytes() and part.held_bytes() == 5 * 3 * 4
+    with pytest.raises(CheckpointError, match="held by another rank"):
+        part.basis("a.col")
+    with pytest.raises(CheckpointError, match="holds 1 of 3 layers"):
+        part.save(tmp_path / "partial")
+
+
+def test_an_interrupted_write_leaves_no_file(tmp_path):
+    store = BasisStore(bases=_bases_for_file(), task=0)
+    with pytest.raises(ValueError, match="expected tensor 'a.col'"):
+        with store.open_file(tmp_path, "float32") as writer:
+            writer.write("b.wide", store.bases["b.wide"])  # out of order
+    with pytest.raises(ValueError, match="never written"):
+        with store.open_file(tmp_path, "float32") as writer:
+            writer.write("a.col", store.bases["a.col"])
+    assert list(tmp_path.iterdir()) == []  # neither the file nor a temporary one

@@ -176,3 +176,89 @@ def test_the_tiny_model_splits_sketch_memory_and_projection_work_over_two_ranks(
     assert projection.max_share(1) <= 0.55  # projection MACs per step
     total = sum(c[1] for c in projection_costs(shapes, widths).values())
     assert sum(load[1] for load in projection.loads) == pytest.approx(total)
+
+
+def _run_with_run_dir(run_dir: str, ownership: bool) -> dict:
+    """Task 0 → end_task with a run directory bound (bases kept on their owners, written once), 12 projected
+    steps of task 1, then a fresh strategy restored from the task-end state as a resume would."""
+    from pathlib import Path
+
+    from cdad_dist.continual.protocol import StrategyContext
+    from cdad_dist.continual.store import BasisStore
+
+    torch.manual_seed(0)
+    rank = torch.distributed.get_rank()
+    net = Net()
+    cfg = ContinualConfig(gamma=GAMMA, layer_ownership=ownership, capture=CaptureConfig(images=1.0, seed=3))
+    context = StrategyContext(image_size=None, run_dir=Path(run_dir))
+    strategy = CDADStrategy(cfg)
+    strategy.bind(context)
+    strategy.begin_task(0, net)
+    strategy.end_task(0, net, batches_of(smooth_images(32, seed=10 + rank)), lambda batch: net(batch["image"]))
+    state = strategy.state_dict()
+    layers = strategy.protected_layers(net)
+    held = {n: U.clone() for n, U in strategy.store.bases.items()}
+    strategy.begin_task(1, net)
+    model = nn.parallel.DistributedDataParallel(net)
+    start = {n: m.weight.detach().double().clone() for n, m in layers.items()}
+    train(net, model, strategy, make_optimizer("adamw", net), noisy_images(32, seed=20), steps=12, seed=2)
+    file = BasisStore.load(Path(run_dir) / state["bases_ref"]["file"])
+    leak = max((float(((m.weight.detach().double() - start[n]).reshape(m.weight.shape[0], -1)
+                       @ file.basis(n, torch.float64)).norm())
+                / max(1e-30, float((m.weight.detach().double() - start[n]).norm())))
+               for n, m in layers.items() if 0 < file.rank(n) < file.dim(n))
+    resumed = CDADStrategy(cfg)
+    resumed.bind(context)
+    resumed.load_state_dict(state)
+    return {"held": held, "homes": strategy._homes, "state_bases": state["bases"], "ref": state["bases_ref"],
+            "file": file.bases, "summary": strategy.history[-1], "leak": leak,
+            "weights": _digest(m.weight for m in layers.values()),
+            "weight_values": {n: m.weight.detach().clone() for n, m in layers.items()},
+            "macs": strategy._projector.step_macs(), "resumed_held": sorted(resumed.store.bases),
+            "resumed_layout": resumed.store.layout == strategy.store.layout,
+            "resumed_homes": resumed._homes}
+
+
+def _owned_and_replicated_files(run_dir: str) -> dict:
+    return {"owned": _run_with_run_dir(f"{run_dir}/owned", True),
+            "replicated": _run_with_run_dir(f"{run_dir}/replicated", False)}
+
+
+@pytest.mark.distributed
+def test_with_a_run_directory_each_rank_holds_only_its_own_bases(tmp_path):
+    """The task file holds every layer; rank r holds exactly its home layers (the same bytes as the file), the
+    checkpoint references the file, projection and weights are as on the replicated path, and a resume reads
+    back the same split."""
+    from cdad_dist.continual.basis_comm import home_ranks
+
+    r0, r1 = run_distributed(_owned_and_replicated_files, world_size=2, args=(str(tmp_path),), timeout=150)
+    owned, other, replicated = r0["owned"], r1["owned"], r0["replicated"]
+    names = sorted(owned["file"])
+    assert owned["ref"] == other["ref"] and owned["ref"]["sha256"]  # one reference, broadcast to both ranks
+    assert owned["homes"] == other["homes"] and set(owned["homes"]) == set(names)
+    assert set(owned["homes"].values()) == {0, 1}
+    dims = {n: int(U.shape[0]) for n, U in owned["file"].items()}
+    assert home_ranks(dims, sketch_options(ContinualConfig(gamma=GAMMA)), 2) == owned["homes"]
+    for rank, result in ((0, owned), (1, other)):
+        mine = sorted(n for n, r in owned["homes"].items() if r == rank)
+        assert sorted(result["held"]) == mine and result["resumed_held"] == mine
+        assert result["resumed_layout"] and result["resumed_homes"] == owned["homes"]
+        assert result["state_bases"] == {}  # referenced, not embedded
+        for name in mine:
+            assert torch.equal(result["held"][name], owned["file"][name]), name
+        held = result["summary"]["basis_bytes_held_per_rank"]
+        assert held[rank] == sum(U.numel() * U.element_size() for U in result["held"].values())
+    assert sum(owned["summary"]["basis_bytes_held_per_rank"]) == owned["summary"]["bytes"]
+    assert max(owned["summary"]["basis_bytes_held_per_rank"]) < owned["summary"]["bytes"]
+    # replicated: every rank holds every layer
+    assert replicated["homes"] is None and sorted(replicated["held"]) == names
+    assert replicated["summary"]["basis_bytes_held_per_rank"] == [replicated["summary"]["bytes"]] * 2
+    for name in names:
+        assert owned["file"][name].shape == replicated["file"][name].shape, name
+        # same subspace (a complement's angle is its basis's): the Gram sums differ in order only
+        assert _angle(owned["file"][name].double(), replicated["file"][name].double()) < 1e-4, name
+    assert owned["weights"] == other["weights"]
+    for name, W in replicated["weight_values"].items():
+        assert torch.allclose(owned["weight_values"][name], W, rtol=0, atol=1e-5), name
+    assert owned["leak"] <= 1e-4 and other["leak"] <= 1e-4
+    assert owned["macs"] + other["macs"] == pytest.approx(replicated["macs"])

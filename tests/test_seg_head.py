@@ -316,3 +316,38 @@ def test_the_head_loss_and_map_under_bf16_autocast_stay_finite_and_close(kind):
         loss = head_loss(logits, mask, model.seg_head.cfg)
     assert low.dtype == torch.float32 and torch.isfinite(low).all() and torch.isfinite(loss)
     assert (low - ref).abs().max() < 0.05
+
+
+@pytest.mark.distributed
+def test_two_ranks_train_the_head_protect_it_and_pool_the_scales(tmp_path):
+    """The head on 2 DDP ranks through `accelerate launch`: every rank runs the head in every step (DDP would stop
+    on an unused parameter), the capture runs the head in lockstep on owned layers, the fusion scales are pooled
+    over both ranks' calibration images, and a resumed run carries them on."""
+    import json
+    from pathlib import Path
+
+    from dist_utils import accelerate_launch_cmd, run_first_task_then_resume
+
+    repo = Path(__file__).resolve().parent.parent
+    demo = make_small_demo(tmp_path / "demo_data")
+    overrides = micro_overrides(tmp_path, demo, name="head2", extra=HEAD + [
+        "continual.strategy=cdad", "continual.project=update", "eval.map=fused", "eval.compare_maps=true",
+        "eval.head_scoring.calibration_images=3"])  # odd: 2 + 1 over the ranks
+    cmd = accelerate_launch_cmd(repo / "launch" / "cpu-2proc.yaml", repo / "train.py", overrides)
+    _, second = run_first_task_then_resume(cmd, cwd=tmp_path)
+    assert "resuming from task000" in second.stdout
+    run_dir = tmp_path / "runs" / "head2"
+    refs = [r for r in list_checkpoints(run_dir / "checkpoints") if r.task_end]
+    assert [r.task for r in refs] == [0, 1] and (refs[-1].path / "random_states_1.pkl").exists()
+    w0, w1 = (load_file(str(r.path / "model.safetensors")) for r in refs)
+    assert float(w0["seg_head.map_scale_count"]) == 3 and float(w1["seg_head.map_scale_count"]) == 6
+    store = BasisStore.load(run_dir / "bases" / task_file_name(0))
+    head_layers = [n for n in store.bases if n.startswith("seg_head.")]
+    assert len(head_layers) == 7
+    for name in head_layers:
+        U = store.basis(name, torch.float64)
+        delta = (w1[f"{name}.weight"] - w0[f"{name}.weight"]).double().flatten(1)
+        if U.shape[1]:
+            assert float((delta @ U).norm()) <= 1e-3 * float(delta.norm()) + 1e-9, name
+    results = json.loads((run_dir / "report" / "results.json").read_text())
+    assert "fused.pixel_ap" in json.dumps(results)

@@ -162,7 +162,7 @@ def _max_leak(model, layers_of, store, start: dict) -> float:
     """Largest ‖ΔW·U‖/‖ΔW‖ over layers with 0 < k < d (k = d layers are frozen, k = 0 ones unconstrained)."""
     leak = 0.0
     for name, module in layers_of(model).items():
-        if name not in store.bases or store.rank(name) in (0, store.dim(name)):
+        if name not in store.layout or store.rank(name) in (0, store.dim(name)):
             continue
         U = store.basis(name, torch.float64)
         dW = (module.weight.detach().double() - start[name]).reshape(module.weight.shape[0], -1)

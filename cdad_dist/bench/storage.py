@@ -11,6 +11,10 @@ factor — the leak that bf16 storage adds to every step.
 Checkpoint size: the strategy state a task-end checkpoint carries, serialised as the checkpoint writes it
 (``torch.save``), once by a strategy without a run directory (the bases embedded, as before) and once by one bound
 to a run directory (the bases written once per task under ``<run dir>/bases/``, the state only referencing them).
+
+Bases held per rank with layer ownership: a 2-rank run keeps each basis on its home rank only
+(``basis_comm.home_ranks``, the assignment the run computes; ``tests/test_layer_ownership.py`` checks that a real
+2-rank run holds exactly these bytes), so the busiest rank's bytes are printed next to the 1-rank store.
 """
 from __future__ import annotations
 
@@ -24,12 +28,13 @@ from typing import Any
 import torch
 
 from cdad_dist.bench.basis import _images
+from cdad_dist.continual.basis_comm import home_ranks
 from cdad_dist.continual.capture import CaptureConfig, make_capture_forward
 from cdad_dist.continual.layers import protected_weight_bytes
 from cdad_dist.continual.projector import project_rows, project_rows_complement
 from cdad_dist.continual.protocol import StrategyContext
 from cdad_dist.continual.store import BasisStore
-from cdad_dist.continual.strategy import CDADStrategy, ContinualConfig
+from cdad_dist.continual.strategy import CDADStrategy, ContinualConfig, sketch_options
 from cdad_dist.eval.reconstruct import ReconstructionConfig
 from cdad_dist.models.presets import ModelConfig, build_model, resolve_config
 
@@ -80,6 +85,16 @@ def residuals(store: BasisStore, weights: dict[str, torch.Tensor], probes: int, 
             for k, v in out.items() for stat in ("max", "mean")}
 
 
+def held_per_rank(store: BasisStore, options, world: int) -> list[int]:
+    """Bytes of the bases each rank holds when every basis stays on its home rank."""
+    homes = home_ranks({n: store.dim(n) for n in store.names()}, options, world)
+    held = [0] * world
+    for name in store.names():
+        d, columns, itemsize = store.layout[name]
+        held[homes[name]] += d * columns * itemsize
+    return held
+
+
 def run(quick: bool, out_dir=None, *, cfg: StorageBenchConfig | None = None, log=print) -> dict[str, Any]:
     cfg = cfg or (StorageBenchConfig.quick() if quick else StorageBenchConfig())
     model = build_model(ModelConfig(preset=cfg.preset)).eval()
@@ -114,6 +129,7 @@ def run(quick: bool, out_dir=None, *, cfg: StorageBenchConfig | None = None, log
             "file_relative_float32": fp32_file / weight_bytes, "file_relative_bfloat16": bf16_file / weight_bytes,
             "residual": residuals(store, weights, cfg.probes, cfg.seed + 7 * t),
             "checkpoint_strategy_state_bytes": checkpoint,
+            "held_bytes_per_rank_2_ranks": held_per_rank(store, sketch_options(strategy.cfg), 2),
         })
     run_dir.cleanup()
     result = {"config": asdict(cfg), "protected_weight_bytes": weight_bytes, "tasks": tasks}
@@ -122,7 +138,9 @@ def run(quick: bool, out_dir=None, *, cfg: StorageBenchConfig | None = None, log
              f"{x['residual']['bfloat16_max']:.1e} (bf16); checkpoint strategy state "
              f"{x['checkpoint_strategy_state_bytes']['embedded'] / 2**20:.2f} MiB with the bases embedded -> "
              f"{x['checkpoint_strategy_state_bytes']['referenced'] / 2**10:.1f} KiB referencing "
-             f"{x['checkpoint_strategy_state_bytes']['bases_files'][-1]}" for x in tasks]
+             f"{x['checkpoint_strategy_state_bytes']['bases_files'][-1]}; bases held per rank on 2 ranks "
+             f"{max(x['held_bytes_per_rank_2_ranks']) / 2**20:.2f} of {x['memory_bytes'] / 2**20:.2f} MiB "
+             f"({max(x['held_bytes_per_rank_2_ranks']) / max(1, x['memory_bytes']):.2f}x)" for x in tasks]
     result["summary"] = "storage: " + "; ".join(parts)
     log(result["summary"])
     return result

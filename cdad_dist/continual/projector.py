@@ -79,6 +79,7 @@ class Projector:
     """Projection of the protected weights of one model (the unwrapped module) for one task.
 
     ``bases`` maps layer names to the stored tensor: U, or V for names in ``complement`` (see ``BasisStore``).
+    With ownership, layers another rank projects may come as meta-device tensors: only their shape is used.
     """
 
     def __init__(self, layers: dict[str, nn.Module], bases: dict[str, Tensor], mode: str = "update",
@@ -331,6 +332,8 @@ class Projector:
         """‖ΔW·U‖_F / ‖ΔW‖_F per layer with ΔW = W − reference[name] (0 when ΔW = 0)."""
         ratios = {}
         for name, target in self._targets.items():
+            if target.factor.is_meta:  # projected by another rank, whose factor this rank never received
+                continue
             weight = target.weight
             delta = (weight - reference[name].to(weight.device)).reshape(weight.shape[0], -1).double()
             norm = float(delta.norm())

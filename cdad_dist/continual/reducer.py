@@ -8,7 +8,8 @@ them: log2(world) rounds, and no rank ever holds more than its own factors plus 
 a gather would put world · d · r on the owner) — then finalises the layer (e.g. the GPM merge with the old basis).
 Owners are spread over ranks by estimated cost, so the decompositions of different layers run in parallel.
 Finally every basis is broadcast from its owner; since only the owner computes it, all ranks hold the same bytes,
-which a SHA-256 digest compared across ranks confirms. Only ``torch.distributed`` is used (gloo or NCCL); without
+which a SHA-256 digest compared across ranks confirms (or, ``keep_on_owners``, each basis stays on its owner:
+``basis_comm``). Only ``torch.distributed`` is used (gloo or NCCL); without
 an initialised process group everything runs locally.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import Tensor
 
 from cdad_dist.continual import ownership
 from cdad_dist.continual.sketches import Sketch
+from cdad_dist.continual.store import bases_digest  # noqa: F401  (re-exported: the digest of a set of bases)
 
 log = logging.getLogger(__name__)
 
@@ -39,21 +41,11 @@ def dist_info(group=None) -> tuple[int, int]:
 
 @dataclass
 class ReduceResult:
-    bases: dict[str, Tensor]  # CPU tensors d × k, identical bytes on every rank
+    bases: dict[str, Tensor]  # CPU tensors d × k, identical bytes on every rank (or the owned ones: keep_on_owners)
     info: dict[str, dict] = field(default_factory=dict)
-    digest: str = ""
+    digest: str = ""  # "" with keep_on_owners: no rank sees every basis (the caller hashes them as they stream)
     owners: dict[str, int] = field(default_factory=dict)
-
-
-def bases_digest(bases: dict[str, Tensor]) -> str:
-    """SHA-256 over names, shapes, dtypes and raw bytes (sorted by name)."""
-    h = hashlib.sha256()
-    for name in sorted(bases):
-        U = bases[name].detach().to("cpu")
-        h.update(f"{name}|{tuple(U.shape)}|{U.dtype}|".encode())
-        # flatten() gives a 1-D stride-1 tensor even for a d × 1 column with odd strides (e.g. from eigh)
-        h.update(U.flatten().contiguous().view(torch.uint8).numpy().tobytes() if U.numel() else b"")
-    return h.hexdigest()
+    layout: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # every layer: (d, columns, itemsize)
 
 
 def assign_owners(costs: dict[str, float], world: int) -> dict[str, int]:
@@ -85,7 +77,8 @@ def _group_rank(group, rank: int) -> int:
 
 def reduce_and_finalize(sketches: dict[str, Sketch], finalize: Finalize, group=None,
                         verify: bool = True, owners: dict[str, int] | None = None,
-                        merged_on_owners: frozenset[str] | set[str] = frozenset()) -> ReduceResult:
+                        merged_on_owners: frozenset[str] | set[str] = frozenset(),
+                        keep_on_owners: bool = False) -> ReduceResult:
     """Merge the ranks' sketches per layer, finalise each layer on one rank, broadcast the bases.
 
     ``sketches`` is consumed: afterwards each entry holds the merged sketch on the layer's owner and is released
@@ -93,6 +86,8 @@ def reduce_and_finalize(sketches: dict[str, Sketch], finalize: Finalize, group=N
     ``owners``: the layer ownership to use (``ownership.capture_ownership``); None balances by the sketches'
     finalise costs. ``merged_on_owners``: layers whose capture already streamed every rank's columns into the
     owner's sketch (``capture.OwnerExchange``): nothing to reduce, the other ranks' entries are empty.
+    ``keep_on_owners``: skip the final broadcast; each rank returns only the bases it finalised, plus every
+    layer's layout (the strategy then keeps each basis on its owner, see ``basis_comm``).
     """
     rank, world = dist_info(group)
     if world == 1:
@@ -101,7 +96,7 @@ def reduce_and_finalize(sketches: dict[str, Sketch], finalize: Finalize, group=N
             U, meta = finalize(name, sketches[name])
             bases[name] = U.detach().to("cpu").contiguous()
             info[name] = meta
-        return ReduceResult(bases, info, bases_digest(bases), {n: 0 for n in bases})
+        return ReduceResult(bases, info, bases_digest(bases), {n: 0 for n in bases}, _layout(bases))
     _check_same_layers(sketches, rank, world, group)
     device = comm_device(group)
     names = sorted(sketches)
@@ -114,11 +109,15 @@ def reduce_and_finalize(sketches: dict[str, Sketch], finalize: Finalize, group=N
         U, meta = finalize(name, sketches[name])
         local_bases[name] = U.detach().to("cpu").contiguous()
         local_info[name] = meta
+    infos: list = [None] * world
+    dist.all_gather_object(infos, (local_info, _layout(local_bases)), group=group)
+    info = {name: meta for part, _ in infos for name, meta in part.items()}
+    layout = {name: entry for _, part in infos for name, entry in part.items()}
+    if keep_on_owners:
+        log.info("continual reducer: %d layers over %d ranks, bases kept on their owners", len(layout), world)
+        return ReduceResult(local_bases, info, "", owners, layout)
     bases = _broadcast_bases(local_bases, names, owners, rank, device, group,
                              {n: sketches[n].d for n in names})
-    infos: list = [None] * world
-    dist.all_gather_object(infos, local_info, group=group)
-    info = {name: meta for part in infos for name, meta in part.items()}
     digest = bases_digest(bases)
     if verify:
         digests: list = [None] * world
@@ -126,7 +125,11 @@ def reduce_and_finalize(sketches: dict[str, Sketch], finalize: Finalize, group=N
         if len(set(digests)) != 1:
             raise RuntimeError(f"continual reducer: bases differ across ranks (digests {digests})")
     log.info("continual reducer: %d layers over %d ranks, bases sha256=%s", len(bases), world, digest)
-    return ReduceResult(bases, info, digest, owners)
+    return ReduceResult(bases, info, digest, owners, layout)
+
+
+def _layout(bases: dict[str, Tensor]) -> dict[str, tuple[int, int, int]]:
+    return {name: (int(U.shape[0]), int(U.shape[1]), U.element_size()) for name, U in bases.items()}
 
 
 def _agree_on_owners(sketches: dict[str, Sketch], names: list[str], world: int, device: torch.device,

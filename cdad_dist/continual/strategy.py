@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+from contextlib import nullcontext
 from pathlib import Path
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cdad_dist.continual.basis_comm import factors_for, home_ranks, stream_to_root
 from cdad_dist.continual.baselines import JointStrategy, NaiveStrategy  # noqa: F401  (re-exported)
 from cdad_dist.continual.capture import FeatureCapture, OwnerExchange, lockstep_batches
 from cdad_dist.continual.config import CaptureConfig, ContinualConfig  # noqa: F401  (re-exported)
@@ -27,9 +29,9 @@ from cdad_dist.continual.ownership import Ownership, capture_ownership, projecti
 from cdad_dist.continual.projector import Projector
 from cdad_dist.continual.protocol import (STATE_FORMAT, Backend, CapturePlan, ContinualStrategy,  # noqa: F401
                                           build_strategy, check_strategy_state)
-from cdad_dist.continual.reducer import bases_digest, comm_device, dist_info, reduce_and_finalize
+from cdad_dist.continual.reducer import comm_device, dist_info, reduce_and_finalize
 from cdad_dist.continual.sketches import GramSketch, Sketch, SketchOptions, full_precision, make_sketch
-from cdad_dist.continual.store import BasisStore, basis_dtype, compact_form, task_file_name
+from cdad_dist.continual.store import BasesDigest, BasisStore, basis_dtype, bases_digest, compact_form, task_file_name
 from cdad_dist.atomic import sha256_file
 from cdad_dist.errors import CdadError, CheckpointError, ConfigError
 
@@ -78,6 +80,9 @@ class CDADStrategy(ContinualStrategy):
         # {file, digest, sha256, task} of the bases file written at the last task end (None: no run directory
         # bound, e.g. library use; the state then embeds the bases)
         self._basis_ref: dict | None = None
+        # layer → rank holding its basis when each rank keeps only its own layers' (layer ownership with a run
+        # directory, whose file holds them all); None: every rank holds every basis
+        self._homes: dict[str, int] | None = None
 
     # -- layers ----------------------------------------------------------------------------------------------------
     def protected_layers(self, model: nn.Module) -> dict[str, nn.Module]:
@@ -93,10 +98,11 @@ class CDADStrategy(ContinualStrategy):
         if task_index > 0 and self.cfg.freeze_unprotected:
             self.frozen = freeze_unprotected(model, layers)
         self.saturated = []
-        if self.store.bases:
+        if self.store.layout:
             rank, world = dist_info()
-            self._projector = Projector(layers, self.store.bases, self.cfg.project, complement=self.store.complement,
-                                        deepspeed_master=deepspeed, owners=self.projection_owners(layers, world),
+            owners = self.projection_owners(layers, world)
+            self._projector = Projector(layers, self._projection_factors(owners), self.cfg.project,
+                                        complement=self.store.complement, deepspeed_master=deepspeed, owners=owners,
                                         rank=rank, world=world)
             self.saturated = self._projector.freeze_saturated()
             if self.cfg.project == "grad":
@@ -108,6 +114,13 @@ class CDADStrategy(ContinualStrategy):
         log.info("cdad: task %d: %d protected layers, %d projected (%s mode), %d frozen (k = d), %d other "
                  "parameters frozen", task_index, len(layers), len(self._projector.names) if self._projector else 0,
                  self.cfg.project, len(self.saturated), len(self.frozen))
+
+    def _projection_factors(self, owners: dict[str, int] | None) -> dict:
+        """The stored tensors the projector needs on this rank: all of them when every rank holds every basis,
+        else each one sent from its home to its projection owner (to every rank in grad mode)."""
+        if self._homes is None or self.store.complete:
+            return self.store.bases
+        return factors_for(self.store, self._homes, owners, basis_dtype(self.cfg.basis_dtype))
 
     def _check_backend(self, backend: Backend) -> bool:
         """Refuse backends where the projection would hit sharded weights; True under DeepSpeed ZeRO-1/2, whose
@@ -138,7 +151,7 @@ class CDADStrategy(ContinualStrategy):
         protected_ids = {id(m.weight) for m in layers.values()}
         protected = [p for p in model.parameters() if p.requires_grad and id(p) in protected_ids]
         other = [p for p in model.parameters() if p.requires_grad and id(p) not in protected_ids]
-        decay = 0.0 if (self.cfg.project == "grad" and self.store.bases) else weight_decay
+        decay = 0.0 if (self.cfg.project == "grad" and self.store.layout) else weight_decay
         groups = [{"params": protected, "weight_decay": decay, "name": "protected"},
                   {"params": other, "weight_decay": weight_decay, "name": "unprotected"}]
         groups = [g for g in groups if g["params"]]
@@ -173,38 +186,63 @@ class CDADStrategy(ContinualStrategy):
                                          rank, world, ownership)
         sketch_peak = sum(s.peak_nbytes for s in sketches.values()) + (exchange.inflight_peak_bytes
                                                                         if exchange else 0)
+        # With a run directory to hold the task file, each basis stays on the rank that computed it (its home)
+        keep_on_owners = ownership is not None and self.context.run_dir is not None
         with full_precision():  # reductions and decompositions never in a caller's autocast dtype
             result = reduce_and_finalize(sketches, self._finalize, owners=ownership.owners if ownership else None,
-                                         merged_on_owners=exchange.streamed if exchange else frozenset())
+                                         merged_on_owners=exchange.streamed if exchange else frozenset(),
+                                         keep_on_owners=keep_on_owners)
         del sketches
         complement = {name for name, meta in result.info.items() if meta.get("stored") == "complement"}
-        self.store = BasisStore(bases=result.bases, gamma=self.cfg.gamma, task=task_index, complement=complement)
+        self.store = BasisStore(bases=result.bases, gamma=self.cfg.gamma, task=task_index, complement=complement,
+                                layout=result.layout)
+        self._homes = dict(ownership.owners) if keep_on_owners else None
         self.tasks_done = task_index + 1
         self._basis_ref = self._write_bases(task_index, result.digest, rank, world)
-        summary = self._summarise(task_index, layers, result, images, world)
+        digest = self._basis_ref["digest"] if self._basis_ref else result.digest
+        summary = self._summarise(task_index, layers, result, digest, images, world)
         summary["sketch_peak_bytes_per_rank"] = self._per_rank(sketch_peak, world)
         summary["layer_ownership"] = ownership is not None
+        summary["basis_bytes_held_per_rank"] = self._per_rank(self.store.held_bytes(), world)
         self.history.append(summary)
         if rank == 0:
             log.info("cdad: task %d bases: %d layers, k total %d, %.2f MB (%.2f%% of protected weights), "
-                     "sha256 %s", task_index, len(result.bases), summary["k_total"], summary["bytes"] / 2 ** 20,
-                     100 * summary["relative_to_weights"], result.digest)
+                     "sha256 %s", task_index, len(self.store.layout), summary["k_total"], summary["bytes"] / 2 ** 20,
+                     100 * summary["relative_to_weights"], digest)
 
     def _write_bases(self, task_index: int, digest: str, rank: int, world: int) -> dict | None:
-        """Write the task's bases once under ``<run dir>/bases/`` (rank 0, atomic); checkpoints reference the file
-        instead of carrying copies. None without a run directory (the state then embeds the bases)."""
+        """Write the task's bases once under ``<run dir>/bases/`` (atomic); checkpoints reference the file instead
+        of carrying copies. Rank 0 writes; when the bases stay on their owners, each arrives from its owner in name
+        order and is hashed (the digest) and appended as it comes, one layer in rank 0's memory at a time. Digest
+        and file hash are then broadcast, so every rank's reference is the same. None without a run directory (the
+        state then embeds the bases)."""
         if self.context.run_dir is None:
             return None
         name = task_file_name(task_index)
+        dtype = self.cfg.basis_dtype
         sha = None
-        if rank == 0:
-            sha = sha256_file(self.store.save(Path(self.context.run_dir) / BASES_DIR, dtype=self.cfg.basis_dtype))
-        if world > 1:
-            torch.distributed.barrier()  # the file exists before any rank goes on (and checkpoints it)
+        if self._homes is None:  # rank 0 holds every basis
+            if rank == 0:
+                sha = sha256_file(self.store.save(Path(self.context.run_dir) / BASES_DIR, dtype=dtype))
+        else:
+            hasher = BasesDigest()
+            opened = self.store.open_file(Path(self.context.run_dir) / BASES_DIR, dtype) if rank == 0 else nullcontext()
+            with opened as writer:
+                def consume(layer: str, tensor: torch.Tensor) -> None:
+                    hasher.update(layer, tensor)
+                    writer.write(layer, tensor)
+                stream_to_root(self.store, self._homes, basis_dtype(dtype), consume)
+            if rank == 0:
+                digest, sha = hasher.hexdigest(), writer.sha256
+        if world > 1:  # also a barrier: the file exists before any rank goes on (and checkpoints it)
+            shared = [digest, sha]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            digest, sha = shared
         return {"file": f"{BASES_DIR}/{name}", "digest": digest, "sha256": sha, "task": task_index}
 
     def _load_referenced(self, ref: dict) -> BasisStore:
-        """The bases file a checkpoint references, verified: present, same sha256, same tensor digest."""
+        """The bases file a checkpoint references, verified on every rank: present, same sha256, same tensor
+        digest. With layer ownership only this rank's home layers are read (the layout of all of them is)."""
         if self.context.run_dir is None:
             raise CheckpointError(f"continual strategy state references {ref.get('file')} but no run directory is "
                                   "bound to resolve it")
@@ -215,10 +253,22 @@ class CDADStrategy(ContinualStrategy):
         if ref.get("sha256") and sha256_file(path) != ref["sha256"]:
             raise CheckpointError(f"{path}: sha256 differs from the one the checkpoint recorded (altered or damaged "
                                   "basis file)")
-        store = BasisStore.load(path)
-        if bases_digest(store.bases) != ref.get("digest"):
+        self._homes = self.home_ranks(BasisStore.read_layout(path))
+        rank, _ = dist_info()
+        names = None if self._homes is None else [n for n, r in self._homes.items() if r == rank]
+        store = BasisStore.load(path, names=names)
+        digest = bases_digest(store.bases) if store.complete else BasisStore.file_digest(path)
+        if digest != ref.get("digest"):
             raise CheckpointError(f"{path}: its bases differ from the ones the checkpoint recorded (digest)")
         return store
+
+    def home_ranks(self, dims: dict[str, int]) -> dict[str, int] | None:
+        """Which rank holds each layer's basis after a resume (its capture owner), or None: every rank holds all
+        (one rank, ``layer_ownership`` off, or no run directory whose file would hold the others)."""
+        _, world = dist_info()
+        if world == 1 or not self.cfg.layer_ownership or self.context.run_dir is None:
+            return None
+        return home_ranks(dims, sketch_options(self.cfg), world)
 
     def capture_owners(self, layers: dict[str, nn.Module], world: int) -> Ownership | None:
         """Who sketches and decomposes each layer (None: one rank, or ``layer_ownership`` off)."""
@@ -230,7 +280,7 @@ class CDADStrategy(ContinualStrategy):
         """Who anchors and projects each layer in update mode (None: one rank, grad mode, or ownership off)."""
         if world == 1 or not self.cfg.layer_ownership or self.cfg.project != "update":
             return None
-        widths = {n: int(U.shape[1]) for n, U in self.store.bases.items() if n in layers and U.shape[1] > 0}
+        widths = {n: self.store.columns(n) for n in self.store.names() if n in layers and self.store.columns(n) > 0}
         return projection_ownership(layers, widths, world).owners
 
     @staticmethod
@@ -251,7 +301,8 @@ class CDADStrategy(ContinualStrategy):
             # Paper Eq. 6 streams M = [Û_{t-1}, X_t]: the old basis is the first block (once: on the layer's
             # owner when layers are owned, else on rank 0, whose sketch is merged first).
             feeder = ownership.owner(name) if ownership is not None else 0
-            if self.cfg.paper_faithful and rank == feeder and name in self.store.bases and self.store.rank(name) > 0:
+            if (self.cfg.paper_faithful and rank == feeder and name in self.store.layout
+                    and self.store.rank(name) > 0):
                 sketches[name].update(self.store.basis(name).to(device))
         return sketches
 
@@ -284,7 +335,7 @@ class CDADStrategy(ContinualStrategy):
         (U, or its complement V when k > d/2; computed in float64, then cast to ``basis_dtype``)."""
         out_dtype = basis_dtype(self.cfg.basis_dtype)
         gamma = self.cfg.gamma_for(name)
-        known = name in self.store.bases
+        known = name in self.store.layout
         if isinstance(sketch, GramSketch) and not self.cfg.paper_faithful:
             old = self.store.bases[name] if known else None  # in its stored form: merged without forming U
             stored, is_complement, merge = gpm_merge_gram_compact(old, name in self.store.complement, sketch.gram(),
@@ -304,7 +355,7 @@ class CDADStrategy(ContinualStrategy):
                     stored="complement" if is_complement else "basis")
         return stored.to(out_dtype).contiguous(), info
 
-    def _summarise(self, task_index, layers, result, images: int, world: int) -> dict:
+    def _summarise(self, task_index, layers, result, digest: str, images: int, world: int) -> dict:
         weights = protected_weight_bytes(layers)
         empty = sorted(n for n, i in result.info.items() if i.get("n_columns", 0) == 0)
         if empty:
@@ -315,11 +366,10 @@ class CDADStrategy(ContinualStrategy):
             count = torch.tensor([images], dtype=torch.long, device=comm_device())
             torch.distributed.all_reduce(count)
             images_all = int(count)
-        k_all = sum(self.store.rank(n) for n in self.store.bases)
-        d_all = sum(self.store.dim(n) for n in self.store.bases)
-        return {"task": task_index, "digest": result.digest, "images": images_all, "images_this_rank": images,
-                "fill_fraction": k_all / max(1, d_all),
-                "k_total": sum(self.store.rank(n) for n in self.store.bases), "bytes": self.store.total_bytes(),
+        k_all = sum(self.store.rank(n) for n in self.store.names())
+        d_all = sum(self.store.dim(n) for n in self.store.names())
+        return {"task": task_index, "digest": digest, "images": images_all, "images_this_rank": images,
+                "fill_fraction": k_all / max(1, d_all), "k_total": k_all, "bytes": self.store.total_bytes(),
                 "complement_layers": len(self.store.complement),
                 "relative_to_weights": self.store.relative_to(weights), "layers_without_inputs": empty,
                 "layers": result.info}
@@ -328,17 +378,17 @@ class CDADStrategy(ContinualStrategy):
     def report(self) -> dict:
         """Size and ranks of the current bases (plain data)."""
         return {"tasks_done": self.tasks_done, "bytes": self.store.total_bytes(),
-                "k": {n: self.store.rank(n) for n in self.store.bases},
-                "d": {n: self.store.dim(n) for n in self.store.bases},
+                "k": {n: self.store.rank(n) for n in self.store.names()},
+                "d": {n: self.store.dim(n) for n in self.store.names()},
                 "complement": sorted(self.store.complement)}
 
     def summary(self) -> dict[str, Any]:
         """Per layer class: count, k and d (sums), fill fraction Σk/Σd; overall bytes vs the protected weights,
         complement-stored and frozen layers. Empty before the first task end."""
-        if not self.store.bases:
+        if not self.store.layout:
             return {"tasks_done": self.tasks_done}
         classes: dict[str, dict[str, int]] = {}
-        for name in sorted(self.store.bases):
+        for name in self.store.names():
             row = classes.setdefault(layer_class(name), {"layers": 0, "k": 0, "d": 0, "d_min": 1 << 62, "d_max": 0})
             k, d = self.store.rank(name), self.store.dim(name)
             row["layers"] += 1
@@ -354,13 +404,9 @@ class CDADStrategy(ContinualStrategy):
                 "d_total": d_all, "bytes": self.store.total_bytes(),
                 "bytes_vs_protected_weights": last.get("relative_to_weights"),
                 "complement_layers": len(self.store.complement),
-                "saturated_layers": sum(self.store.rank(n) == self.store.dim(n) for n in self.store.bases),
+                "saturated_layers": sum(self.store.rank(n) == self.store.dim(n) for n in self.store.names()),
                 "frozen_unprotected_params": len(self.frozen), "capture_images": last.get("images"),
                 "fill_per_task": [h.get("fill_fraction") for h in self.history], "layer_classes": classes}
-
-    def export_bases(self, directory) -> Any:
-        """Write the current bases as ``bases_task<t>.safetensors`` (atomic); call on one rank."""
-        return self.store.save(directory, dtype=self.cfg.basis_dtype)
 
     def state_dict(self) -> dict:
         anchor = self._projector.anchor_state() if self._projector is not None else {}
@@ -378,27 +424,28 @@ class CDADStrategy(ContinualStrategy):
         check_strategy_state(state, self.name)
         ref = state.get("bases_ref")
         try:
+            tasks_done, task = int(state["tasks_done"]), int(state["task"])
             if ref:
-                referenced = self._load_referenced(ref)
-                bases, complement = dict(referenced.bases), set(referenced.complement)
+                store = self._load_referenced(ref)
             else:
                 bases = {str(n): U for n, U in state["bases"].items()}
                 complement = {str(n) for n in state.get("complement", [])}  # absent in states that stored U only
-            tasks_done, task = int(state["tasks_done"]), int(state["task"])
+                if any(not isinstance(U, torch.Tensor) or U.dim() != 2 for U in bases.values()):
+                    raise CheckpointError("continual strategy state: every basis must be a 2-D tensor")
+                if not complement <= set(bases):
+                    raise CheckpointError(f"continual strategy state: complement layers "
+                                          f"{sorted(complement - set(bases))[:5]} have no stored tensor")
+                store = BasisStore(bases=bases, complement=complement)
+                self._homes = None  # embedded: every rank holds every basis
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"continual strategy state: missing or bad entry ({exc})") from exc
-        if any(not isinstance(U, torch.Tensor) or U.dim() != 2 for U in bases.values()):
-            raise CheckpointError("continual strategy state: every basis must be a 2-D tensor")
-        if not complement <= set(bases):
-            raise CheckpointError(f"continual strategy state: complement layers {sorted(complement - set(bases))[:5]} "
-                                  "have no stored tensor")
         if float(state.get("gamma", self.cfg.gamma)) != self.cfg.gamma:
             log.warning("cdad: bases were built with gamma=%s, this run uses %s", state.get("gamma"), self.cfg.gamma)
         self._close_projector()
-        self.store = BasisStore(bases=bases, gamma=self.cfg.gamma, task=task, complement=complement)
+        store.gamma, store.task = self.cfg.gamma, task
+        self.store = store
         self.tasks_done = tasks_done
         self._basis_ref = dict(ref) if ref else None
         self.history = list(state.get("history", []))
         anchor = state.get("anchor")
         self._pending_anchor = (int(anchor["task"]), dict(anchor["weights"])) if anchor else None
-

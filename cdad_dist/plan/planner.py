@@ -18,8 +18,8 @@ assignment (``continual.ownership``, the same function a run calls): each rank h
 it owns when they are Gram matrices plus one layer's gathered blocks in flight (world × d × the widest hook
 block, fp32), and every isvd sketch of its own columns (small; merged on the owner after), decomposes its own
 layers, and in update mode keeps the factors and anchors of the layers it projects; the weights, gradients,
-optimizer state and activations are still per rank (DDP). All bases are also kept in host memory on every rank
-(not counted: GPU memory only).
+optimizer state and activations are still per rank (DDP). In host memory a rank keeps only the bases of the
+layers it owns (``finalised_basis_bytes``; ``continual.basis_comm``), not counted in the GPU phases.
 """
 from __future__ import annotations
 
