@@ -216,7 +216,8 @@ def _run_with_run_dir(run_dir: str, ownership: bool) -> dict:
     resumed = CDADStrategy(cfg)
     resumed.bind(context)
     resumed.load_state_dict(state)
-    return {"held": held, "homes": strategy._homes, "state_bases": state["bases"], "ref": state["bases_ref"],
+    return {"held": held, "homes": strategy._homes, "state": state, "state_bases": state["bases"],
+            "ref": state["bases_ref"],
             "file": file.bases, "summary": strategy.history[-1], "leak": leak,
             "weights": _digest(m.weight for m in layers.values()),
             "weight_values": {n: m.weight.detach().clone() for n, m in layers.items()},
@@ -235,7 +236,7 @@ def test_with_a_run_directory_each_rank_holds_only_its_own_bases(tmp_path):
     """The task file holds every layer; rank r holds exactly its home layers (the same bytes as the file), the
     checkpoint references the file, projection and weights are as on the replicated path, and a resume reads
     back the same split."""
-    from cdad_dist.continual.basis_comm import home_ranks
+    from cdad_dist.continual.ownership import capture_ownership_of_dims
 
     r0, r1 = run_distributed(_owned_and_replicated_files, world_size=2, args=(str(tmp_path),), timeout=150)
     owned, other, replicated = r0["owned"], r1["owned"], r0["replicated"]
@@ -244,7 +245,7 @@ def test_with_a_run_directory_each_rank_holds_only_its_own_bases(tmp_path):
     assert owned["homes"] == other["homes"] and set(owned["homes"]) == set(names)
     assert set(owned["homes"].values()) == {0, 1}
     dims = {n: int(U.shape[0]) for n, U in owned["file"].items()}
-    assert home_ranks(dims, sketch_options(ContinualConfig(gamma=GAMMA)), 2) == owned["homes"]
+    assert capture_ownership_of_dims(dims, sketch_options(ContinualConfig(gamma=GAMMA)), 2).owners == owned["homes"]
     for rank, result in ((0, owned), (1, other)):
         mine = sorted(n for n, r in owned["homes"].items() if r == rank)
         assert sorted(result["held"]) == mine and result["resumed_held"] == mine
@@ -268,3 +269,11 @@ def test_with_a_run_directory_each_rank_holds_only_its_own_bases(tmp_path):
         assert torch.allclose(owned["weight_values"][name], W, rtol=0, atol=1e-5), name
     assert owned["leak"] <= 1e-4 and other["leak"] <= 1e-4
     assert owned["macs"] + other["macs"] == pytest.approx(replicated["macs"])
+    # the same checkpoint resumed on ONE process: no homes, every layer read (and its digest checked)
+    from cdad_dist.continual.protocol import StrategyContext
+
+    single = CDADStrategy(ContinualConfig(gamma=GAMMA))
+    single.bind(StrategyContext(image_size=None, run_dir=tmp_path / "owned"))
+    single.load_state_dict(owned["state"])
+    assert single._homes is None and single.store.complete and sorted(single.store.bases) == names
+    assert all(torch.equal(single.store.bases[n], owned["file"][n]) for n in names)

@@ -13,7 +13,7 @@ Checkpoint size: the strategy state a task-end checkpoint carries, serialised as
 to a run directory (the bases written once per task under ``<run dir>/bases/``, the state only referencing them).
 
 Bases held per rank with layer ownership: a 2-rank run keeps each basis on its home rank only
-(``basis_comm.home_ranks``, the assignment the run computes; ``tests/test_layer_ownership.py`` checks that a real
+(``ownership.capture_ownership_of_dims``, the assignment the run computes; ``tests/test_layer_ownership.py`` checks that a real
 2-rank run holds exactly these bytes), so the busiest rank's bytes are printed next to the 1-rank store.
 """
 from __future__ import annotations
@@ -28,9 +28,9 @@ from typing import Any
 import torch
 
 from cdad_dist.bench.basis import _images
-from cdad_dist.continual.basis_comm import home_ranks
 from cdad_dist.continual.capture import CaptureConfig, make_capture_forward
 from cdad_dist.continual.layers import protected_weight_bytes
+from cdad_dist.continual.ownership import capture_ownership_of_dims
 from cdad_dist.continual.projector import project_rows, project_rows_complement
 from cdad_dist.continual.protocol import StrategyContext
 from cdad_dist.continual.store import BasisStore
@@ -87,7 +87,7 @@ def residuals(store: BasisStore, weights: dict[str, torch.Tensor], probes: int, 
 
 def held_per_rank(store: BasisStore, options, world: int) -> list[int]:
     """Bytes of the bases each rank holds when every basis stays on its home rank."""
-    homes = home_ranks({n: store.dim(n) for n in store.names()}, options, world)
+    homes = capture_ownership_of_dims({n: store.dim(n) for n in store.names()}, options, world).owners
     held = [0] * world
     for name in store.names():
         d, columns, itemsize = store.layout[name]

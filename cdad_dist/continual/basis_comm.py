@@ -1,7 +1,7 @@
 """Bases held on their layers' owners: where each one lives, and moving it, one layer at a time, to who needs it.
 
 With layer ownership and a run directory, a rank keeps only the bases of the layers it captured and decomposed
-(their *home*, ``home_ranks``); the task's file under the run directory holds all of them. Three moves are needed:
+(their *home*: the capture owner, ``ownership.capture_ownership_of_dims``); the task's file under the run directory holds all of them. Three moves are needed:
 
 - ``stream_to_root``: rank 0 receives every layer in name order, to hash it and append it to the task file
   (``basis_file.StreamedSafetensors``), holding one layer at a time;
@@ -21,15 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from cdad_dist.continual.ownership import LayerShape, assign_owners, capture_costs
 from cdad_dist.continual.reducer import comm_device, dist_info
 from cdad_dist.continual.store import BasisStore
-
-
-def home_ranks(dims: Mapping[str, int], options, world: int) -> dict[str, int]:
-    """The rank holding each layer's basis: its capture owner (the capture cost model needs only d, so the same
-    assignment comes back from the store's layout when a run is resumed, without the model)."""
-    return assign_owners(capture_costs({n: LayerShape(0, int(d)) for n, d in dims.items()}, options), world).owners
 
 
 def _owner_of(homes: Mapping[str, int] | None, name: str) -> int:

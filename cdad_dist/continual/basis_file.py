@@ -25,6 +25,12 @@ from torch import Tensor
 SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
+def raw_bytes(tensor: Tensor) -> memoryview:
+    """A tensor's little-endian bytes in row-major order. flatten() first: a d × 1 column (e.g. from QR or eigh)
+    may have strides that ``.view(torch.uint8)`` rejects although torch calls it contiguous."""
+    return tensor.detach().to("cpu").flatten().contiguous().view(torch.uint8).numpy().data
+
+
 class StreamedSafetensors:
     """``with StreamedSafetensors(path, [(name, dtype, shape), ...], metadata) as f: f.write(name, t)`` in order."""
 
@@ -68,8 +74,7 @@ class StreamedSafetensors:
             raise ValueError(f"{self.path}: expected tensor {want!r} {dtype} {tuple(shape)} next, got {name!r} "
                              f"{tensor.dtype} {tuple(tensor.shape)}")
         if tensor.numel():
-            # flatten() first: a d × 1 column (e.g. from QR or eigh) may have strides .view() rejects
-            self._put(tensor.detach().to("cpu").flatten().contiguous().view(torch.uint8).numpy().data)
+            self._put(raw_bytes(tensor))
         self._next += 1
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -109,9 +109,15 @@ def layer_shapes(layers) -> dict[str, LayerShape]:
     return {name: LayerShape(int(module.weight.shape[0]), int(input_dim(module))) for name, module in layers.items()}
 
 
+def capture_ownership_of_dims(dims: Mapping[str, int], options, world: int) -> Ownership:
+    """Who sketches and decomposes each layer, from its input dimension d alone (the capture costs need nothing
+    else), so a resumed run finds the same owners from a basis file's layout without the model."""
+    return assign_owners(capture_costs({n: LayerShape(0, int(d)) for n, d in dims.items()}, options), world)
+
+
 def capture_ownership(layers, options, world: int) -> Ownership:
     """Who sketches and decomposes each layer (from shapes and the sketch options only)."""
-    return assign_owners(capture_costs(layer_shapes(layers), options), world)
+    return capture_ownership_of_dims({n: s.d for n, s in layer_shapes(layers).items()}, options, world)
 
 
 def projection_ownership(layers, factor_columns: Mapping[str, int], world: int) -> Ownership:

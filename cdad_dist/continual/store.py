@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from cdad_dist.continual.basis_file import StreamedSafetensors
+from cdad_dist.continual.basis_file import StreamedSafetensors, raw_bytes
 from cdad_dist.errors import CheckpointError, ConfigError
 
 STORE_FORMAT = "cdad-bases/1"
@@ -74,8 +74,8 @@ class BasesDigest:
     def update(self, name: str, U: Tensor) -> None:
         U = U.detach().to("cpu")
         self._h.update(f"{name}|{tuple(U.shape)}|{U.dtype}|".encode())
-        # flatten() gives a 1-D stride-1 tensor even for a d × 1 column with odd strides (e.g. from eigh)
-        self._h.update(U.flatten().contiguous().view(torch.uint8).numpy().tobytes() if U.numel() else b"")
+        if U.numel():
+            self._h.update(raw_bytes(U))
 
     def hexdigest(self) -> str:
         return self._h.hexdigest()
@@ -140,12 +140,6 @@ class BasisStore:
         """Whether this rank holds every layer's tensor."""
         return len(self.bases) == len(self.layout)
 
-    def held(self, names) -> BasisStore:
-        """The same store holding only the tensors of ``names`` (the layout keeps every layer)."""
-        keep = set(names)
-        return BasisStore(bases={n: U for n, U in self.bases.items() if n in keep}, gamma=self.gamma, task=self.task,
-                          complement=set(self.complement), layout=dict(self.layout))
-
     def dim(self, name: str) -> int:
         return self.layout[name][0]
 
@@ -178,8 +172,7 @@ class BasisStore:
         """Store size as a fraction of the protected weights' size (what it costs next to the model)."""
         return self.total_bytes() / protected_weight_bytes if protected_weight_bytes > 0 else float("nan")
 
-    def file_metadata(self, dtype: str) -> dict[str, str]:
-        """The safetensors metadata of this store's task file."""
+    def _file_metadata(self, dtype: str) -> dict[str, str]:
         layers = {name: {"d": self.dim(name), "k": self.rank(name)} for name in self.layout}
         metadata = {"format": STORE_FORMAT, "task": str(self.task), "gamma": repr(self.gamma), "dtype": dtype,
                     "layers": json.dumps(layers, sort_keys=True)}
@@ -187,19 +180,14 @@ class BasisStore:
             metadata["complement"] = json.dumps(sorted(self.complement))
         return metadata
 
-    def file_entries(self, dtype: str) -> list[tuple[str, torch.dtype, tuple[int, int]]]:
-        """(name, dtype, shape) of every layer in file order (sorted by name)."""
-        torch_dtype = basis_dtype(dtype)
-        return [(name, torch_dtype, (self.dim(name), self.columns(name))) for name in self.names()]
-
     def open_file(self, directory: str | os.PathLike, dtype: str = "float32") -> StreamedSafetensors:
         """A writer for ``bases_task<task>.safetensors`` in ``directory``, to be fed every layer in name order
         (``save`` does it from this store; with layer ownership rank 0 feeds it what the owners send)."""
         if self.task < 0:
             raise CheckpointError(f"BasisStore.save({directory}): the store is empty (no task merged yet)")
-        basis_dtype(dtype)
-        return StreamedSafetensors(Path(directory) / task_file_name(self.task), self.file_entries(dtype),
-                                   self.file_metadata(dtype))
+        torch_dtype = basis_dtype(dtype)
+        entries = [(name, torch_dtype, (self.dim(name), self.columns(name))) for name in self.names()]
+        return StreamedSafetensors(Path(directory) / task_file_name(self.task), entries, self._file_metadata(dtype))
 
     def save(self, directory: str | os.PathLike, dtype: str = "float32") -> Path:
         """Write ``bases_task<task>.safetensors`` atomically into ``directory``; returns its path."""

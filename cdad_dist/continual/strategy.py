@@ -19,13 +19,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from cdad_dist.continual.basis_comm import factors_for, home_ranks, stream_to_root
+from cdad_dist.continual.basis_comm import factors_for, stream_to_root
 from cdad_dist.continual.baselines import JointStrategy, NaiveStrategy  # noqa: F401  (re-exported)
 from cdad_dist.continual.capture import FeatureCapture, OwnerExchange, lockstep_batches
 from cdad_dist.continual.config import CaptureConfig, ContinualConfig  # noqa: F401  (re-exported)
 from cdad_dist.continual.layers import discover_protected, freeze_unprotected, input_dim, protected_weight_bytes
 from cdad_dist.continual.memory import gpm_merge, gpm_merge_gram_compact
-from cdad_dist.continual.ownership import Ownership, capture_ownership, projection_ownership
+from cdad_dist.continual.ownership import (Ownership, capture_ownership, capture_ownership_of_dims,
+                                           projection_ownership)
 from cdad_dist.continual.projector import Projector
 from cdad_dist.continual.protocol import (STATE_FORMAT, Backend, CapturePlan, ContinualStrategy,  # noqa: F401
                                           build_strategy, check_strategy_state)
@@ -198,7 +199,7 @@ class CDADStrategy(ContinualStrategy):
                                 layout=result.layout)
         self._homes = dict(ownership.owners) if keep_on_owners else None
         self.tasks_done = task_index + 1
-        self._basis_ref = self._write_bases(task_index, result.digest, rank, world)
+        self._basis_ref = self._write_bases(task_index, rank, world)
         digest = self._basis_ref["digest"] if self._basis_ref else result.digest
         summary = self._summarise(task_index, layers, result, digest, images, world)
         summary["sketch_peak_bytes_per_rank"] = self._per_rank(sketch_peak, world)
@@ -210,39 +211,34 @@ class CDADStrategy(ContinualStrategy):
                      "sha256 %s", task_index, len(self.store.layout), summary["k_total"], summary["bytes"] / 2 ** 20,
                      100 * summary["relative_to_weights"], digest)
 
-    def _write_bases(self, task_index: int, digest: str, rank: int, world: int) -> dict | None:
+    def _write_bases(self, task_index: int, rank: int, world: int) -> dict | None:
         """Write the task's bases once under ``<run dir>/bases/`` (atomic); checkpoints reference the file instead
-        of carrying copies. Rank 0 writes; when the bases stay on their owners, each arrives from its owner in name
-        order and is hashed (the digest) and appended as it comes, one layer in rank 0's memory at a time. Digest
-        and file hash are then broadcast, so every rank's reference is the same. None without a run directory (the
-        state then embeds the bases)."""
+        of carrying copies. Rank 0 writes: each layer, in name order, comes from its own memory or, when the bases
+        stay on their owners, from its owner, and is hashed (the digest) and appended as it comes, one layer in
+        rank 0's memory at a time; the file's sha256 comes out of the write. Digest and sha256 are then broadcast,
+        so every rank's reference is the same. None without a run directory (the state then embeds the bases)."""
         if self.context.run_dir is None:
             return None
-        name = task_file_name(task_index)
         dtype = self.cfg.basis_dtype
-        sha = None
-        if self._homes is None:  # rank 0 holds every basis
-            if rank == 0:
-                sha = sha256_file(self.store.save(Path(self.context.run_dir) / BASES_DIR, dtype=dtype))
-        else:
-            hasher = BasesDigest()
-            opened = self.store.open_file(Path(self.context.run_dir) / BASES_DIR, dtype) if rank == 0 else nullcontext()
-            with opened as writer:
-                def consume(layer: str, tensor: torch.Tensor) -> None:
-                    hasher.update(layer, tensor)
-                    writer.write(layer, tensor)
-                stream_to_root(self.store, self._homes, basis_dtype(dtype), consume)
-            if rank == 0:
-                digest, sha = hasher.hexdigest(), writer.sha256
+        hasher = BasesDigest()
+        opened = self.store.open_file(Path(self.context.run_dir) / BASES_DIR, dtype) if rank == 0 else nullcontext()
+        with opened as writer:
+            def consume(layer: str, tensor: torch.Tensor) -> None:
+                hasher.update(layer, tensor)
+                writer.write(layer, tensor)
+            stream_to_root(self.store, self._homes, basis_dtype(dtype), consume)
+        shared = [hasher.hexdigest(), writer.sha256] if rank == 0 else [None, None]
         if world > 1:  # also a barrier: the file exists before any rank goes on (and checkpoints it)
-            shared = [digest, sha]
             torch.distributed.broadcast_object_list(shared, src=0)
-            digest, sha = shared
-        return {"file": f"{BASES_DIR}/{name}", "digest": digest, "sha256": sha, "task": task_index}
+        digest, sha = shared
+        return {"file": f"{BASES_DIR}/{task_file_name(task_index)}", "digest": digest, "sha256": sha,
+                "task": task_index}
 
-    def _load_referenced(self, ref: dict) -> BasisStore:
-        """The bases file a checkpoint references, verified on every rank: present, same sha256, same tensor
-        digest. With layer ownership only this rank's home layers are read (the layout of all of them is)."""
+    def _load_referenced(self, ref: dict) -> tuple[BasisStore, dict[str, int] | None]:
+        """The bases file a checkpoint references, verified on every rank (present, same sha256, same tensor
+        digest), and the layers' homes. With homes only this rank's layers are read (the layout of all of them
+        is). A matching sha256 already proves the bytes the digest was taken of, so the digest is recomputed only
+        for a reference without one (or for free, when every layer was read anyway)."""
         if self.context.run_dir is None:
             raise CheckpointError(f"continual strategy state references {ref.get('file')} but no run directory is "
                                   "bound to resolve it")
@@ -253,22 +249,22 @@ class CDADStrategy(ContinualStrategy):
         if ref.get("sha256") and sha256_file(path) != ref["sha256"]:
             raise CheckpointError(f"{path}: sha256 differs from the one the checkpoint recorded (altered or damaged "
                                   "basis file)")
-        self._homes = self.home_ranks(BasisStore.read_layout(path))
+        homes = self._homes_of(BasisStore.read_layout(path))
         rank, _ = dist_info()
-        names = None if self._homes is None else [n for n, r in self._homes.items() if r == rank]
-        store = BasisStore.load(path, names=names)
-        digest = bases_digest(store.bases) if store.complete else BasisStore.file_digest(path)
-        if digest != ref.get("digest"):
-            raise CheckpointError(f"{path}: its bases differ from the ones the checkpoint recorded (digest)")
-        return store
+        store = BasisStore.load(path, names=None if homes is None else [n for n, r in homes.items() if r == rank])
+        if store.complete or not ref.get("sha256"):
+            digest = bases_digest(store.bases) if store.complete else BasisStore.file_digest(path)
+            if digest != ref.get("digest"):
+                raise CheckpointError(f"{path}: its bases differ from the ones the checkpoint recorded (digest)")
+        return store, homes
 
-    def home_ranks(self, dims: dict[str, int]) -> dict[str, int] | None:
-        """Which rank holds each layer's basis after a resume (its capture owner), or None: every rank holds all
-        (one rank, ``layer_ownership`` off, or no run directory whose file would hold the others)."""
+    def _homes_of(self, dims: dict[str, int]) -> dict[str, int] | None:
+        """Which rank holds each layer's basis after a resume (its capture owner, as at the task end), or None:
+        every rank holds all (one rank, ``layer_ownership`` off, or no run directory whose file holds them)."""
         _, world = dist_info()
         if world == 1 or not self.cfg.layer_ownership or self.context.run_dir is None:
             return None
-        return home_ranks(dims, sketch_options(self.cfg), world)
+        return capture_ownership_of_dims(dims, sketch_options(self.cfg), world).owners
 
     def capture_owners(self, layers: dict[str, nn.Module], world: int) -> Ownership | None:
         """Who sketches and decomposes each layer (None: one rank, or ``layer_ownership`` off)."""
@@ -426,24 +422,21 @@ class CDADStrategy(ContinualStrategy):
         try:
             tasks_done, task = int(state["tasks_done"]), int(state["task"])
             if ref:
-                store = self._load_referenced(ref)
-            else:
+                store, homes = self._load_referenced(ref)
+            else:  # embedded: every rank holds every basis
                 bases = {str(n): U for n, U in state["bases"].items()}
-                complement = {str(n) for n in state.get("complement", [])}  # absent in states that stored U only
                 if any(not isinstance(U, torch.Tensor) or U.dim() != 2 for U in bases.values()):
                     raise CheckpointError("continual strategy state: every basis must be a 2-D tensor")
-                if not complement <= set(bases):
-                    raise CheckpointError(f"continual strategy state: complement layers "
-                                          f"{sorted(complement - set(bases))[:5]} have no stored tensor")
-                store = BasisStore(bases=bases, complement=complement)
-                self._homes = None  # embedded: every rank holds every basis
+                # complement: absent in states that stored U only; BasisStore refuses names without a tensor
+                store = BasisStore(bases=bases, complement={str(n) for n in state.get("complement", [])})
+                homes = None
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"continual strategy state: missing or bad entry ({exc})") from exc
         if float(state.get("gamma", self.cfg.gamma)) != self.cfg.gamma:
             log.warning("cdad: bases were built with gamma=%s, this run uses %s", state.get("gamma"), self.cfg.gamma)
         self._close_projector()
         store.gamma, store.task = self.cfg.gamma, task
-        self.store = store
+        self.store, self._homes = store, homes
         self.tasks_done = tasks_done
         self._basis_ref = dict(ref) if ref else None
         self.history = list(state.get("history", []))
