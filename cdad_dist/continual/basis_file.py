@@ -8,7 +8,7 @@ from its owner: rank 0 holds one layer at a time. Reading stays with the library
 which validate the header), and the tests read every file written here back through it.
 
 The file goes to a temporary name and is renamed when complete (``os.replace``), so a crash never leaves a
-half-written file under the real name; the SHA-256 of the bytes comes out of the write itself.
+half-written file under the real name (fsync'd first, like ``atomic.write_text_atomic``); the SHA-256 of the bytes comes out of the write itself.
 """
 from __future__ import annotations
 
@@ -79,6 +79,9 @@ class StreamedSafetensors:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
+            if exc_type is None:  # on disk before the rename, as atomic.write_text_atomic does
+                self._file.flush()
+                os.fsync(self._file.fileno())
             self._file.close()
             if exc_type is None:
                 if self._next != len(self._entries):
