@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from cdad_dist.errors import CdadError
+from cdad_dist.errors import CdadError, ConfigError
 
 
 def _add_train_args(parser: argparse.ArgumentParser) -> None:
@@ -173,9 +173,13 @@ def _cmd_bench(args) -> int:
     from cdad_dist.bench import run_benchmarks
 
     strategies = [s for s in args.strategies.split(",") if s] if args.strategies else None
+    try:
+        samples = [int(k) for k in args.samples.split(",") if k] if args.samples else None
+    except ValueError:
+        raise ConfigError(f"bench: --samples takes comma-separated whole numbers, got {args.samples!r}") from None
     results = run_benchmarks(args.name, quick=args.quick, out_dir=Path(args.out), config=args.config,
                              strategies=strategies, seeds=args.seeds, sequence=args.sequence,
-                             compare_maps=args.maps)
+                             compare_maps=args.maps, run_dir=args.run, samples=samples)
     print(json.dumps({k: v.get("summary", "") for k, v in results.items()}, indent=2))
     return 0
 
@@ -281,6 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--maps", action="store_true",
                        help="`continual` only: train with the segmentation head and compare the features, head "
                             "and fused maps (pixel AUROC / AP / AUPRO per task, the head's training cost)")
+    bench.add_argument("--run", default=None,
+                       help="`inference` only: measure this run directory (its latest task end) instead of "
+                            "training a model; its test images of every class learned so far")
+    bench.add_argument("--samples", default=None,
+                       help="`inference` only: comma-separated K >= 2, extra rows with the run's mode averaging "
+                            "the maps of K noise draws (eval.reconstruction.samples), e.g. 4,8")
     bench.set_defaults(func=_cmd_bench)
     return parser
 

@@ -76,6 +76,22 @@ def test_measure_modes_on_a_micro_model(micro):
     assert again["modes"]["ddim"]["per_class"] == ref["per_class"]
 
 
+def test_samples_rows_average_k_draws_of_the_runs_own_mode(micro):
+    """`--samples 2`: one extra row, the run's mode with 2 draws; the three modes keep one draw even when the
+    run itself was configured with several (their speed-ups stay comparable with earlier figures)."""
+    model, extractor = micro
+    run_rec = ReconstructionConfig(mode="one_step", one_step_t=200, samples=3)
+    modes = bench.mode_configs(run_rec, ddim_steps=3, samples=(2,))
+    assert list(modes) == ["ddim", "one_step", "fused", "one_step×2"]
+    assert [m.samples for m in modes.values()] == [1, 1, 1, 2] and modes["one_step×2"].mode == "one_step"
+    eval_cfg = EvalConfig(reconstruction=run_rec, anomaly_map=AnomalyMapConfig(sigma=1.0))
+    out = bench.measure_modes(model, extractor, _batches(), eval_cfg,
+                              {k: modes[k] for k in ("ddim", "one_step", "one_step×2")}, repeats=1)
+    one, two = out["modes"]["one_step"], out["modes"]["one_step×2"]
+    assert two["reconstruction"]["samples"] == 2
+    assert two["per_class"] != one["per_class"]  # the second draw changed the maps
+
+
 def _fake_score_batch(seconds_per_image: dict[str, float], map_s_per_image: float, shared_s_per_image: float):
     """A score_batch whose 'measured' times are known: perfect maps (= the masks), scores = labels; the
     reconstruction is the mode's denoising plus ``shared_s_per_image``."""

@@ -135,3 +135,25 @@ def test_an_empty_config_file_is_an_error(tmp_path):
 def test_values_that_would_run_wrongly_are_refused(override, key):
     with pytest.raises(ConfigError, match=key):
         load_config(None, [override])
+
+
+# -- comparing a saved run's settings with the current ones (resume, benchmark reuse) ----------------------------
+def test_a_key_added_after_the_run_is_no_change_at_its_default_but_is_one_elsewhere(tmp_path):
+    """A run saved before a config key existed (e.g. eval.reconstruction.samples) behaved as that key's default:
+    resuming it after the upgrade is allowed, while setting the new key to anything else is refused."""
+    import json
+
+    from cdad_dist.engine.run_dir import IDENTITY, check_reusable, run_identity, settings_mismatch
+    from cdad_dist.errors import CheckpointError
+
+    cfg = load_config(None, [])
+    identity = run_identity(cfg, [["demo/carpet"]])
+    del identity["config"]["eval.reconstruction.samples"]  # as written before the key existed
+    (tmp_path / IDENTITY).write_text(json.dumps(identity))
+    assert settings_mismatch(tmp_path, cfg) == []
+    check_reusable(tmp_path, cfg, "bench continual")
+    changed = load_config(None, ["eval.reconstruction.samples=4", "train.lr=0.1"])
+    assert settings_mismatch(tmp_path, changed) == ["eval.reconstruction.samples: (unset) → 4",
+                                                    "train.lr: 0.0003 → 0.1"]
+    with pytest.raises(CheckpointError, match=r"bench continual: .* other settings \(eval.reconstruction.samples"):
+        check_reusable(tmp_path, changed, "bench continual")

@@ -141,6 +141,26 @@ def test_capture_count_and_fraction_are_applied_once(tmp_path, demo_root, images
     assert _captured_images(tmp_path / "runs" / "cap") == [expected]
 
 
+def _captured_columns(run_dir: Path) -> dict[str, int]:
+    last = list_checkpoints(run_dir / "checkpoints")[-1]
+    layers = torch.load(last.path / "strategy.pt", weights_only=False)["history"][-1]["layers"]
+    return {name: info["n_columns"] for name, info in layers.items()}
+
+
+def test_synthetic_capture_adds_one_pass_per_image_without_a_head(tmp_path, demo_root):
+    """continual.capture.synthetic through the trainer: the plan asks the engine for synthetic anomalies although
+    the model has no head, and every protected layer sees a third pass (clean, NSA-perturbed, synthetic)."""
+    columns = {}
+    for synthetic in (False, True):
+        name = f"syn-{synthetic}".lower()
+        train(load_config(None, micro_overrides(tmp_path, demo_root, name=name, extra=[
+            "sequence=[[demo/carpet]]", "continual.capture.images=2", "train.base_steps=1",
+            "eval.max_test_per_class=1", f"continual.capture.synthetic={str(synthetic).lower()}"])))
+        columns[synthetic] = _captured_columns(tmp_path / "runs" / name)
+    assert columns[True].keys() == columns[False].keys() and columns[False]
+    assert {n: 2 * c for n, c in columns[True].items()} == {n: 3 * c for n, c in columns[False].items()}
+
+
 @pytest.mark.distributed
 def test_two_process_cpu_launch_trains_and_resumes(tmp_path, demo_root):
     """`accelerate launch --config_file launch/cpu-2proc.yaml train.py` really runs 2 ranks, and resumes; the

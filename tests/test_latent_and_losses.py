@@ -127,6 +127,17 @@ def test_loss_balance_warning_fires_once_past_the_factor():
     assert len(lines) == 1
 
 
+def test_a_converged_normalized_amn_term_is_not_an_imbalance_but_a_small_mse_term_is():
+    """The default (normalized) AMN term drops below ε/100 in every healthy run: no warning for that direction.
+    Under the paper's mse loss a tiny term can be the features' scale, so it is still reported."""
+    small = {"amn_loss": 0.01, "eps_loss": 1.1, "finite": True}
+    lines: list[str] = []
+    LossBalanceWatch(100.0, 1.0, lines.append, "normalized").check(small, 0, 20)
+    assert not lines
+    LossBalanceWatch(100.0, 1.0, lines.append, "mse").check(small, 0, 20)
+    assert len(lines) == 1 and "out of balance" in lines[0]
+
+
 def test_train_t_range_is_validated_and_used():
     with pytest.raises(ConfigError, match="train_t_range"):
         build_model(ModelConfig(**MICRO, train_t_range=(500, 100)))

@@ -378,6 +378,12 @@ def test_capture_forward_on_the_tiny_model(mode):
     strategy.end_task(0, model, [batch], make_capture_forward(model, cfg.capture))
     doubled = strategy.history[-1]["layers"]
     assert {n: doubled[n]["n_columns"] for n in layers} == {n: 2 * c for n, c in plain.items()}
+    # Synthetic anomalies (continual.capture.synthetic, no segmentation head) get a third pass of their own.
+    strategy = CDADStrategy(cfg)
+    strategy.begin_task(0, model)
+    strategy.end_task(0, model, [{**batch, "synthetic": 1 - images}], make_capture_forward(model, cfg.capture))
+    tripled = strategy.history[-1]["layers"]
+    assert {n: tripled[n]["n_columns"] for n in layers} == {n: 3 * c for n, c in plain.items()}
 
 
 

@@ -216,3 +216,41 @@ def test_per_image_noise_is_keyed_by_pixels_and_seed():
     assert torch.equal(c[[0, 2]], a[[0, 2]]) and not torch.equal(c[1], a[1])
     with pytest.raises(ValueError, match="2 noise generators for a batch of 3"):
         _noise(z, image_generators(0, images[:2]))
+
+
+# -- several reconstructions per image: the mean of their maps --------------------------------------------------
+def test_samples_average_the_maps_of_successive_draws_per_image(model):
+    """reconstruction.samples=K: the map is the mean of K maps, draw k being the k-th noise of the image's own
+    generator. Adversarial inputs: a reversed batch (each image's K draws must stay its own) and K=1 (must be
+    exactly the single-draw result, not a re-seeded one)."""
+    from cdad_dist.eval.anomaly_map import anomaly_maps
+    from cdad_dist.eval.reconstruct import image_generators, reconstruct_latent
+
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    rec = ReconstructionConfig(mode="one_step", one_step_t=200)
+    cfg = EvalConfig(reconstruction=rec, anomaly_map=AnomalyMapConfig(sigma=1.0))
+    extractor = extractor_from_config(cfg.anomaly_map)
+    one = score_batch(model, extractor, images, cfg)
+    three_cfg = EvalConfig(reconstruction=ReconstructionConfig(mode="one_step", one_step_t=200, samples=3),
+                           anomaly_map=cfg.anomaly_map)
+    three = score_batch(model, extractor, images, three_cfg)
+    # the first draw is the single draw: same x̂ (shown, PSNR, head input)
+    torch.testing.assert_close(three.x_hat, one.x_hat)
+    # reference: three successive draws from each image's generator, three maps, their mean
+    gens = image_generators(rec.seed, images)
+    with torch.inference_mode():
+        z, c = model.encode(images), model.condition(images)
+        x_ref = model.decode(z).float()
+        maps = [anomaly_maps(extractor, x_ref, model.decode(reconstruct_latent(model, z, c, rec, gens)).float(),
+                             cfg.anomaly_map)[0] for _ in range(3)]
+    torch.testing.assert_close(three.maps, sum(maps) / 3, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(maps[1], maps[0], rtol=1e-3)  # the draws really differ
+    # an image's K draws are its own, whatever its place in the batch
+    backwards = score_batch(model, extractor, images.flip(0), three_cfg)
+    torch.testing.assert_close(backwards.scores.flip(0), three.scores, rtol=1e-5, atol=1e-7)
+
+
+def test_samples_must_be_a_positive_int():
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(Exception, match="samples"):
+            ReconstructionConfig(samples=bad)

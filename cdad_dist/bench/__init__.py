@@ -30,7 +30,8 @@ CONFIGURABLE = ("inference", "continual")  # benchmarks that take a run config (
 
 def run_benchmarks(name: str, *, quick: bool, out_dir: Path, config: str | None = None,
                    strategies: list[str] | None = None, seeds: int = 1,
-                   sequence: str | None = None, compare_maps: bool = False) -> dict[str, Any]:
+                   sequence: str | None = None, compare_maps: bool = False, run_dir: str | None = None,
+                   samples: list[int] | None = None) -> dict[str, Any]:
     names = list(BENCHMARKS) if name == "all" else [name]
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
@@ -52,6 +53,10 @@ def run_benchmarks(name: str, *, quick: bool, out_dir: Path, config: str | None 
             kwargs["sequence"] = sequence
         if compare_maps and bench == "continual":
             kwargs["compare_maps"] = True
+        if run_dir and bench == "inference":
+            kwargs["run_dir"] = run_dir
+        if samples and bench == "inference":
+            kwargs["samples"] = samples
         results[bench] = module.run(quick, out_dir / bench, **kwargs)
         seconds = time.perf_counter() - start
         if isinstance(results[bench], dict):

@@ -44,7 +44,8 @@ from cdad_dist.data.demo import make_demo_dataset
 from cdad_dist.data.sequences import resolve_sequence
 from cdad_dist.data.stream import eval_stream
 from cdad_dist.engine.checkpoint import read_state, select_task_end
-from cdad_dist.errors import CheckpointError
+from cdad_dist.engine.run_dir import check_reusable
+from cdad_dist.errors import CheckpointError, ConfigError
 from cdad_dist.eval.metrics import ClassMetricAccumulator
 from cdad_dist.eval.predict import LoadedRun, load_run
 from cdad_dist.eval.reconstruct import ReconstructionConfig
@@ -72,6 +73,13 @@ class InferenceBenchConfig:
     # ~20 s and ~4 GB): the ratio bounds of the paper's model.
     count_presets: tuple[str, ...] = ("sd15",)
     seg_head: bool = True  # train the model with the segmentation head, so its forward is timed as well
+    # Extra rows: the run's own mode with reconstruction.samples = K (the mean map of K noise draws), e.g.
+    # "one_step×4": what K draws buy in detection and cost in time, on the same images.
+    samples: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if any(isinstance(k, bool) or not isinstance(k, int) or k < 2 for k in self.samples):
+            raise ConfigError(f"bench inference: --samples takes whole numbers >= 2, got {list(self.samples)}")
 
     @classmethod
     def quick(cls, config: str = DEFAULT_CONFIG) -> InferenceBenchConfig:
@@ -85,13 +93,19 @@ class InferenceBenchConfig:
 
 
 # -- measuring ---------------------------------------------------------------------------------------------------
-def mode_configs(base: ReconstructionConfig, ddim_steps: int = 10) -> dict[str, ReconstructionConfig]:
-    """The three modes from one run's reconstruction settings (start_t, t values, seed kept)."""
-    return {
-        "ddim": replace(base, mode="ddim", steps=ddim_steps),
-        "one_step": replace(base, mode="one_step"),
-        "fused": replace(base, mode="fused"),
+def mode_configs(base: ReconstructionConfig, ddim_steps: int = 10,
+                 samples: Sequence[int] = ()) -> dict[str, ReconstructionConfig]:
+    """The three modes from one run's reconstruction settings (start_t, t values, seed kept), each with one
+    draw, then the run's own mode with each K of ``samples`` draws (named e.g. ``one_step×4``)."""
+    single = replace(base, samples=1)
+    modes = {
+        "ddim": replace(single, mode="ddim", steps=ddim_steps),
+        "one_step": replace(single, mode="one_step"),
+        "fused": replace(single, mode="fused"),
     }
+    for k in samples:
+        modes[f"{base.mode}×{k}"] = replace(modes[base.mode], samples=k)
+    return modes
 
 
 def _class_mean(per_class: dict[str, dict[str, float]], metric: str) -> float:
@@ -265,6 +279,7 @@ def train_bench_model(cfg: InferenceBenchConfig, work: Path, log=print) -> tuple
     if (run_dir / "checkpoints").is_dir():
         try:
             select_task_end(run_dir, 0)
+            check_reusable(run_dir, run_cfg, "bench inference")
             log(f"bench inference: reusing the model trained earlier with the same settings: {run_dir}")
             return run_dir, None
         except CheckpointError:  # an earlier training was interrupted: resume it
@@ -298,10 +313,12 @@ def load_test_batches(run: LoadedRun, classes: Sequence[str], batch_size: int,
 
 # -- the benchmark -----------------------------------------------------------------------------------------------
 def run(quick: bool, out_dir=None, *, cfg: InferenceBenchConfig | None = None, run_dir: str | Path | None = None,
-        config: str | None = None, log=print) -> dict[str, Any]:
+        config: str | None = None, samples: Sequence[int] = (), log=print) -> dict[str, Any]:
     """Train (or load) one model, measure the three modes, print one line per mode and the summary."""
     config = config or DEFAULT_CONFIG
     cfg = cfg or (InferenceBenchConfig.quick(config) if quick else InferenceBenchConfig(config=config))
+    if samples:
+        cfg = replace(cfg, samples=tuple(samples))
     run_dir = run_dir or cfg.run_dir
     work = Path(out_dir if out_dir is not None else "runs/bench/inference")
     work.mkdir(parents=True, exist_ok=True)
@@ -312,7 +329,7 @@ def run(quick: bool, out_dir=None, *, cfg: InferenceBenchConfig | None = None, r
     loaded = load_run(run_dir, cfg.task)
     classes = cfg.task_classes() if trained_here else _test_classes(loaded)
     batches = load_test_batches(loaded, classes, cfg.batch_size, cfg.max_test_per_class)
-    modes = mode_configs(loaded.cfg.eval.reconstruction, cfg.ddim_steps)
+    modes = mode_configs(loaded.cfg.eval.reconstruction, cfg.ddim_steps, cfg.samples)
     measured = measure_modes(loaded.model, loaded.extractor, batches, loaded.cfg.eval, modes, repeats=cfg.repeats,
                              seed=loaded.cfg.eval.reconstruction.seed)
     costs = stage_costs(loaded.model, loaded.extractor, loaded.cfg.eval, loaded.image_size, cfg.count_presets,

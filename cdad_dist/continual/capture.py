@@ -226,10 +226,11 @@ def make_capture_forward(model: nn.Module, cfg: CaptureConfig, reconstruction=No
     per image, seeded by (seed, the clean image's pixels) and used for both passes: an image's captured inputs
     do not depend on its batch, its rank or the number of ranks.
 
-    With a segmentation head (``model.seg_head``) the head runs on each pass's input and reconstruction, as at
-    test time, and the batch's synthetic anomalies ("synthetic", the head's training inputs) get a pass of their
-    own: the U-Net and AMN inputs of that pass are captured too, since the head's old-task maps rest on the
-    reconstructions of anomalous inputs staying what they were.
+    A batch with synthetic anomalies ("synthetic": the engine adds them for a segmentation head, whose training
+    inputs they are, or for ``cfg.synthetic``) gets a pass of their own, and the U-Net and AMN inputs of that
+    pass are captured: an old class's maps rest on the reconstructions of its *anomalous* inputs staying what
+    they were. With a head (``model.seg_head``) the head runs on each pass's input and reconstruction, as at
+    test time.
     """
     from cdad_dist.eval.reconstruct import (ReconstructionConfig, image_generators, per_image_randn,
                                             reconstruct_latent, x0_from_eps)
@@ -258,10 +259,12 @@ def make_capture_forward(model: nn.Module, cfg: CaptureConfig, reconstruction=No
             z_hat = run_passes(z_tilde, model.condition(x_tilde), generators)
             if head:
                 model.head_logits(x_tilde, z_tilde, z_hat)
-        if head and "synthetic" in batch:
+        if "synthetic" in batch:
             x_syn = to_device(batch["synthetic"])
             z_syn = model.encode(x_syn)
-            model.head_logits(x_syn, z_syn, run_passes(z_syn, model.condition(x_syn), generators))
+            z_hat = run_passes(z_syn, model.condition(x_syn), generators)
+            if head:
+                model.head_logits(x_syn, z_syn, z_hat)
 
     def run_passes(z0: torch.Tensor, c: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
         """The passes of one input; returns the last pass's reconstructed latent (for the head)."""

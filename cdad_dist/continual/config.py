@@ -53,6 +53,11 @@ class CaptureConfig:
     # U-Net input from x̃'s latent under denoise_from=perturbed): the directions those inputs use are protected
     # too. Doubles the capture's forward passes.
     perturbed: bool = True
+    # Also capture the U-Net and AMN on synthetic anomalies (data.synthetic: Perlin-mask blends and NSA patches,
+    # the segmentation head's training inputs) when there is no head. A head always has them captured. The
+    # features map of an old class rests on the U-Net repairing its *anomalous* images; clean and NSA inputs
+    # alone leave the directions those use unprotected (docs/benchmarks.md "Forgetting on real-3x2").
+    synthetic: bool = False
 
     def __post_init__(self) -> None:
         check_choices(self, "continual.capture")

@@ -53,10 +53,13 @@ class StrategyContext:
 class CapturePlan:
     """Which of the finished task's training images ``end_task`` receives: ``images`` is a count over all ranks
     (int) or a fraction of each class (float), applied once by the engine's stream; ``perturbed`` adds each image's
-    seeded NSA perturbation under ``batch["perturbed"]``."""
+    seeded NSA perturbation under ``batch["perturbed"]``; ``synthetic`` adds a synthetic anomaly of each image
+    (``data.synthetic``) under ``batch["synthetic"]`` even when the model has no segmentation head (with one, the
+    engine always adds them: they are the head's training inputs)."""
 
     images: int | float
     perturbed: bool = False
+    synthetic: bool = False
 
 
 @dataclass(frozen=True)

@@ -171,7 +171,8 @@ class CDADStrategy(ContinualStrategy):
     def capture_plan(self, task_index: int) -> CapturePlan:
         """The configured share of the task's training images, with their perturbed versions (as training shows
         them to the AMN) when ``continual.capture.perturbed``."""
-        return CapturePlan(images=self.cfg.capture.images, perturbed=self.cfg.capture.perturbed)
+        return CapturePlan(images=self.cfg.capture.images, perturbed=self.cfg.capture.perturbed,
+                           synthetic=self.cfg.capture.synthetic)
 
     def end_task(self, task_index: int, model: nn.Module, capture_batches: Iterable[dict],
                  capture_forward: Callable[[dict], None]) -> None:

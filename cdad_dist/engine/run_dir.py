@@ -69,11 +69,33 @@ def describe_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[st
                 diffs.append(f"{key}: {_show(saved[old_key])} → {_show(new.get(key, _MISSING))}")
         return diffs
     old = saved["config"]
+    defaults = flat_config(RunConfig())
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key, _MISSING), new.get(key, _MISSING)
+        # A key added to the config after the run was made, now at its default: new keys default to the
+        # behaviour before them, so the run behaved that way (a run is resumable across such an upgrade).
+        if a is _MISSING and key in defaults and b == defaults[key]:
+            continue
         if a != b:
             diffs.append(f"{key}: {_show(a)} → {_show(b)}")
     return diffs
+
+
+def settings_mismatch(run_dir: Path, cfg: RunConfig) -> list[str]:
+    """The result-changing settings in which the run saved in ``run_dir`` differs from ``cfg`` (one
+    ``key: saved → now`` line each; empty when they agree), for tools that reuse a finished run by its name: a
+    name made from command-line overrides does not see an edited config file."""
+    saved = json.loads((run_dir / IDENTITY).read_text())
+    current = run_identity(cfg, saved.get("tasks", []))
+    return describe_mismatch({**saved, "tasks": saved.get("tasks", [])}, current)
+
+
+def check_reusable(run_dir: Path, cfg: RunConfig, tool: str) -> None:
+    """Refuse to reuse a finished run whose settings differ from ``cfg``, naming the keys."""
+    diff = settings_mismatch(run_dir, cfg)
+    if diff:
+        raise CheckpointError(f"{tool}: {run_dir} was trained with other settings ({'; '.join(diff)}); its "
+                              f"results would not be this configuration's. Use another --out, or delete it.")
 
 
 def prepare_run_dir(cfg: RunConfig, tasks: list[list[str]], *, resume: bool, accelerator) -> Path:

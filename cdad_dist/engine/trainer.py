@@ -254,7 +254,8 @@ class ContinualTrainer:
         acc, cfg = self.accelerator, self.cfg
         batches = self.training_batches(t, start_step)
         ddp_model.train()
-        self.loss_balance = LossBalanceWatch(cfg.train.loss_balance_warn, cfg.model.lambda_amn, self.log)
+        self.loss_balance = LossBalanceWatch(cfg.train.loss_balance_warn, cfg.model.lambda_amn, self.log,
+                                             cfg.model.amn_loss)
         bad_in_a_row = 0
         bar = progress(range(start_step, steps), desc=f"task {t} training", total=steps, initial=start_step,
                        enabled=acc.is_local_main_process, unit="step")
@@ -303,9 +304,10 @@ class ContinualTrainer:
             return streams[0]
         return (concat_batches([next(s) for s in streams]) for _ in itertools.count())
 
-    def synthesizer(self) -> SyntheticAnomalies | None:
-        """The segmentation head's synthetic anomalies (data.synthetic), when the model has a head."""
-        if getattr(self.model, "seg_head", None) is None:
+    def synthesizer(self, wanted: bool = False) -> SyntheticAnomalies | None:
+        """Synthetic anomalies (data.synthetic) when the model has a segmentation head (its training inputs) or
+        the caller asks for them (``wanted``: a capture plan's ``synthetic``)."""
+        if getattr(self.model, "seg_head", None) is None and not wanted:
             return None
         return SyntheticAnomalies(self.cfg.data.synthetic, self.cfg.data.nsa)
 
@@ -392,7 +394,7 @@ class ContinualTrainer:
             fraction=images if isinstance(images, float) else None,
             seed=self.cfg.continual.capture.seed,
             perturber=NSAPerturber(self.cfg.data.nsa) if plan.perturbed else None,
-            synthesizer=self.synthesizer(),  # the head's training inputs, captured for its own layers
+            synthesizer=self.synthesizer(plan.synthetic),  # captured on their own pass (make_capture_forward)
         )
         return progress(stream, desc=f"task {t} basis capture ({stream.num_samples} images on this rank)",
                         enabled=self.accelerator.is_local_main_process)
@@ -436,11 +438,17 @@ class ContinualTrainer:
 
 
 class LossBalanceWatch:
-    """Warns (once per task) when λ·AMN term and ε term differ by more than `factor`: the clipped gradient then
-    serves one objective only (seen: AMN 16957 vs ε 0.99 at the start of a colour task after grey ones)."""
+    """Warns (once per run) when the λ·AMN term and the ε term differ by more than `factor`: the clipped gradient
+    then serves one objective only (seen: AMN 16957 vs ε 0.99 at the start of a colour task after grey ones).
 
-    def __init__(self, factor: float, lambda_amn: float, log) -> None:
+    Under the scale-free ``normalized`` AMN loss a *small* AMN term is not an imbalance but the AMN having met its
+    target (it falls below ε/100 within ~20 steps of every healthy run, and the AMN still learns through ε), so
+    only a dominating AMN term is reported there; under ``mse`` a small term can be the features' scale, and both
+    directions are."""
+
+    def __init__(self, factor: float, lambda_amn: float, log, amn_loss: str = "normalized") -> None:
         self.factor, self.lambda_amn, self.log = factor, lambda_amn, log
+        self.both_ways = amn_loss != "normalized"
         self.warned = False
 
     def check(self, info: dict[str, Any], t: int, step: int) -> None:
@@ -450,7 +458,7 @@ class LossBalanceWatch:
         if amn <= 0 or eps <= 0:
             return
         ratio = amn / eps
-        if ratio > self.factor or ratio < 1 / self.factor:
+        if ratio > self.factor or (self.both_ways and ratio < 1 / self.factor):
             self.warned = True
             self.log(f"warning: task {t} step {step}: loss terms out of balance: lambda*AMN {amn:.4g} vs eps "
                      f"{eps:.4g} (ratio {ratio:.3g}, limit {self.factor:g}; train.loss_balance_warn); "

@@ -9,6 +9,7 @@ convolution in torch so it batches on any device). Image score: the max of the m
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -110,16 +111,36 @@ def feature_distance(feats_a: list[torch.Tensor], feats_b: list[torch.Tensor], s
     return total
 
 
+def _distance(ref: list[torch.Tensor], other: list[torch.Tensor], size: tuple[int, int], pad: int,
+              padded: tuple[int, int]) -> torch.Tensor:
+    """The feature distance map at the image ``size``; with ``pad`` the distances are taken at the padded input
+    size, the mirrored frame cropped, then resized."""
+    if not pad:
+        return feature_distance(ref, other, size)
+    maps = feature_distance(ref, other, padded)[..., pad:-pad, pad:-pad]
+    if tuple(maps.shape[-2:]) != size:
+        maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return maps
+
+
 @torch.no_grad()
 def anomaly_maps(
-    extractor: nn.Module, a: torch.Tensor, b: torch.Tensor, cfg: AnomalyMapConfig | None = None
+    extractor: nn.Module, a: torch.Tensor, b: torch.Tensor | Sequence[torch.Tensor], cfg: AnomalyMapConfig | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Anomaly maps (B×1×H×W, float32, at the size of ``a``) and image scores (B) for images in [0, 1]."""
+    """Anomaly maps (B×1×H×W, float32, at the size of ``a``) and image scores (B) for images in [0, 1].
+
+    ``b`` may be a list of K reconstructions of ``a``: the map is then the mean of the K maps of ``a`` vs each
+    (``a``'s features computed once), and the scores are taken on that mean."""
     cfg = cfg or AnomalyMapConfig()
-    if a.shape != b.shape or a.dim() != 4 or a.shape[1] != 3:
-        raise CdadError(f"anomaly_maps: a and b must both be B×3×H×W, got {tuple(a.shape)} and {tuple(b.shape)}")
+    bs = [b] if isinstance(b, torch.Tensor) else list(b)
+    if not bs:
+        raise CdadError("anomaly_maps: no reconstruction to compare with")
+    for other in bs:
+        if a.shape != other.shape or a.dim() != 4 or a.shape[1] != 3:
+            raise CdadError(f"anomaly_maps: a and b must both be B×3×H×W, got {tuple(a.shape)} and "
+                            f"{tuple(other.shape)}")
     size = tuple(a.shape[-2:])
-    pair = torch.cat([a, b]).float()
+    pair = torch.cat([a, *bs]).float()
     if cfg.input_size is not None and tuple(pair.shape[-2:]) != (cfg.input_size, cfg.input_size):
         pair = F.interpolate(pair, size=(cfg.input_size,) * 2, mode="bilinear", align_corners=False, antialias=True)
     n, p = a.shape[0], cfg.reflect_pad
@@ -129,12 +150,8 @@ def anomaly_maps(
             raise CdadError(f"anomaly_map.reflect_pad={p} must be smaller than the extractor input {inner}")
         pair = F.pad(pair, (p, p, p, p), mode="reflect")
     feats = extractor(pair)
-    if p:  # distances at the padded input size, the mirrored frame cropped, then to the image size
-        maps = feature_distance([f[:n] for f in feats], [f[n:] for f in feats], tuple(pair.shape[-2:]))
-        maps = maps[..., p:-p, p:-p]
-        if tuple(maps.shape[-2:]) != size:
-            maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False, antialias=True)
-    else:
-        maps = feature_distance([f[:n] for f in feats], [f[n:] for f in feats], size)
+    ref = [f[:n] for f in feats]
+    maps = sum(_distance(ref, [f[(k + 1) * n:(k + 2) * n] for f in feats], size, p, tuple(pair.shape[-2:]))
+               for k in range(len(bs))) / len(bs)
     maps = gaussian_blur(maps, cfg.sigma, cfg.truncate)
     return maps, image_scores(maps, cfg.score, cfg.topk)

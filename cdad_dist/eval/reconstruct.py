@@ -42,11 +42,18 @@ class ReconstructionConfig:
     t_b: int = 568              # fused: large scale (≈ DiffusionAD's 400)
     w: float = 1.0              # fused: guidance weight (DiffusionAD's condition_w)
     seed: int = 0               # noise seed, combined with each image's pixels (image_generators)
+    # Reconstructions per image, each from the next noise draw of the image's own generator; the anomaly map is
+    # the mean of their maps (scoring.score_batch). A one-step x̂ carries the noise of its draw as texture the
+    # feature distance flags; averaging K maps shrinks that part ~1/√K, while a defect, repaired in every draw,
+    # stays. Costs K× the denoising, decoding and extractor's x̂ half; the AMN condition is still paid once.
+    samples: int = 1
 
     def __post_init__(self) -> None:
         check_choices(self, "eval.reconstruction")  # the timestep ranges need T: checked where the model is known
         if self.mode not in _MODES:
             raise ConfigError(f"eval.reconstruction.mode must be one of {list(_MODES)}, got {self.mode!r}")
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
+            raise ConfigError(f"eval.reconstruction.samples must be an int >= 1, got {self.samples!r}")
 
 
 def _check(cfg: ReconstructionConfig, T: int) -> None:

@@ -64,12 +64,15 @@ def score_batch(model, extractor, x: torch.Tensor, eval_cfg: EvalConfig, generat
         z = model.encode(x)
         c = model.condition(x)
         clock.lap("prepare")
-        z_hat = reconstruct_latent(model, z, c, eval_cfg.reconstruction, generator=generator)
+        # K = reconstruction.samples draws, each the next noise of every image's generator (K=1: one draw)
+        z_hats = [reconstruct_latent(model, z, c, eval_cfg.reconstruction, generator=generator)
+                  for _ in range(eval_cfg.reconstruction.samples)]
         clock.lap("denoise")
-        x_hat = model.decode(z_hat).float()
+        x_hats = [model.decode(z_k).float() for z_k in z_hats]
         clock.lap("decode")
         x_ref = model.decode(z).float()
-    maps, scores = anomaly_maps(extractor, x_ref, x_hat, eval_cfg.anomaly_map)
+    z_hat, x_hat = z_hats[0], x_hats[0]  # the first draw is the one shown, its PSNR measured, the head fed
+    maps, scores = anomaly_maps(extractor, x_ref, x_hats, eval_cfg.anomaly_map)
     clock.lap("maps")
     by_kind, score_by_kind = {"features": maps}, {"features": scores}
     head = getattr(model, "seg_head", None)

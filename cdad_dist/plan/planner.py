@@ -107,8 +107,8 @@ def trace_capture(model: nn.Module, cfg, batch: int, image_size: int,
     counters = {name: _ColumnCounter() for name in layers}
     forward = make_capture_forward(model, cfg.continual.capture, cfg.eval.reconstruction)
     data = {"image": x, "perturbed": x} if cfg.continual.capture.perturbed else {"image": x}
-    if getattr(model, "seg_head", None) is not None:
-        data["synthetic"] = x  # the head's training inputs get a capture pass of their own
+    if getattr(model, "seg_head", None) is not None or cfg.continual.capture.synthetic:
+        data["synthetic"] = x  # synthetic anomalies (the head's training inputs) get a capture pass of their own
     counter, live = flop_counter(), TensorBytes()
     with FeatureCapture(layers, counters), counter, live, torch.no_grad():  # type: ignore[arg-type]
         forward(data)
