@@ -276,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run config for `inference` and `continual` (dataset, model, evaluation), e.g. "
                             "configs/real.yaml; default configs/demo.yaml")
     bench.add_argument("--strategies", default=None,
-                       help="`continual` only: comma-separated rows, e.g. naive,cdad,joint,knn (default: all)")
+                       help="`continual` only: comma-separated rows, e.g. naive,cdad,joint,knn (default: all but the "
+                            "ablation rows, e.g. cdad-synthetic, which run when named)")
     bench.add_argument("--sequence", default=None,
                        help="`continual` only: another task sequence of the dataset, e.g. demo-1x6 (one class per "
                             "task, 6 tasks: where projection saturates)")

@@ -39,6 +39,22 @@ def test_targets_are_computed_from_the_matrices():
     assert "FM(cdad)/FM(naive) = 0.125" in line and "NOT MET" in line
 
 
+def test_every_projection_row_is_checked_against_the_same_naive_and_joint_rows():
+    """An ablation row (cdad-synthetic) gets its own target check; the top-level keys stay cdad's."""
+    naive = _matrix({0: {"a": 1.0}, 1: {"a": 0.6, "b": 1.0}})
+    cdad = _matrix({0: {"a": 1.0}, 1: {"a": 0.95, "b": 0.9}})
+    synthetic = _matrix({0: {"a": 1.0}, 1: {"a": 0.8, "b": 0.9}})  # forgets 20 of naive's 40: ratio 0.5
+    joint = _matrix({0: {"a": 1.0, "b": 0.96}})
+    out = summarise({"naive": naive, "cdad": cdad, "cdad-synthetic": synthetic, "joint": joint})
+    assert out["targets"]["fm_ratio_image"] == pytest.approx(5 / 40) and out["targets"]["fm_ratio_met"]
+    variant = out["targets"]["variants"]["cdad-synthetic"]
+    assert variant["fm_ratio_image"] == pytest.approx(20 / 40) and variant["fm_ratio_met"] is False
+    assert variant["a_minus_joint_points_image"] == pytest.approx(85.0 - 98.0)
+    line = summary_line(out)
+    assert "FM(cdad)/FM(naive) = 0.125" in line and "FM(cdad-synthetic)/FM(naive) = 0.500" in line
+    assert "cdad-synthetic" not in ContinualBenchConfig().strategies  # an ablation runs only when named
+
+
 def test_a_baseline_that_does_not_forget_cannot_meet_the_ratio_target():
     flat = _matrix({0: {"a": 0.9}, 1: {"a": 0.9, "b": 0.9}})
     out = summarise({"naive": flat, "cdad": flat})
