@@ -54,3 +54,12 @@ def test_train_help_describes_train_py_and_lists_every_config_section(capsys):
     for f in dataclasses.fields(RunConfig):
         assert f"  {f.name}" in text, f.name
     assert "pixel_key_bits" not in text and "metrics" in text  # sections list their keys, one level deep
+
+
+def test_bench_samples_must_be_whole_numbers_of_at_least_two(tmp_path, capsys):
+    """Refused before anything is trained or loaded, with one line naming the option."""
+    assert main(["bench", "inference", "--samples", "4,x", "--out", str(tmp_path)]) == 2
+    assert "--samples takes comma-separated whole numbers" in capsys.readouterr().err
+    assert main(["bench", "inference", "--samples", "1", "--out", str(tmp_path)]) == 2
+    assert "--samples takes whole numbers >= 2" in capsys.readouterr().err
+    assert not any(tmp_path.rglob("*.safetensors"))
