@@ -183,3 +183,21 @@ def test_speedup_bounds_on_known_costs():
     bound = speedup_bounds(gmacs, ddim_steps=10)
     assert bound["reconstruction"] == pytest.approx((3.0 + 20.0) / (3.0 + 2.0))
     assert bound["end_to_end"] == pytest.approx((7.5 + 20.0) / (7.5 + 2.0))
+
+
+def test_a_kept_model_trained_with_other_settings_is_refused_not_resumed(tmp_path):
+    """The kept run's name comes from the overrides only, so an edited config file reaches the same name: the
+    benchmark must name the changed key instead of reusing (or resuming) that model."""
+    import json
+
+    from cdad_dist.engine.run_dir import IDENTITY, run_identity
+    from cdad_dist.errors import CheckpointError
+
+    quick = bench.InferenceBenchConfig.quick()
+    cfg = load_config(bench.DEFAULT_CONFIG, bench._train_overrides(quick, tmp_path))
+    edited = run_identity(cfg, [bench.DEMO_TASK0])
+    edited["config"]["train.lr"] = 0.1  # as if configs/demo.yaml had said lr 0.1 when the model was trained
+    (cfg.run_dir / "checkpoints").mkdir(parents=True)
+    (cfg.run_dir / IDENTITY).write_text(json.dumps(edited))
+    with pytest.raises(CheckpointError, match=r"bench inference: .* other settings \(train.lr: 0.1 → 0.0003\)"):
+        bench.train_bench_model(quick, tmp_path, log=lambda *_: None)

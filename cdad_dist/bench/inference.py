@@ -276,10 +276,11 @@ def train_bench_model(cfg: InferenceBenchConfig, work: Path, log=print) -> tuple
 
     run_cfg = load_config(cfg.config, _train_overrides(cfg, work))
     run_dir = run_cfg.run_dir
+    if (run_dir / "run.json").exists():  # outside the try below: a mismatch is not an interrupted training
+        check_reusable(run_dir, run_cfg, "bench inference")
     if (run_dir / "checkpoints").is_dir():
         try:
             select_task_end(run_dir, 0)
-            check_reusable(run_dir, run_cfg, "bench inference")
             log(f"bench inference: reusing the model trained earlier with the same settings: {run_dir}")
             return run_dir, None
         except CheckpointError:  # an earlier training was interrupted: resume it

@@ -86,8 +86,7 @@ def settings_mismatch(run_dir: Path, cfg: RunConfig) -> list[str]:
     ``key: saved → now`` line each; empty when they agree), for tools that reuse a finished run by its name: a
     name made from command-line overrides does not see an edited config file."""
     saved = json.loads((run_dir / IDENTITY).read_text())
-    current = run_identity(cfg, saved.get("tasks", []))
-    return describe_mismatch({**saved, "tasks": saved.get("tasks", [])}, current)
+    return describe_mismatch(saved, run_identity(cfg, saved.get("tasks")))  # the settings, not the task list
 
 
 def check_reusable(run_dir: Path, cfg: RunConfig, tool: str) -> None:
