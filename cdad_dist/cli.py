@@ -179,7 +179,8 @@ def _cmd_bench(args) -> int:
         raise ConfigError(f"bench: --samples takes comma-separated whole numbers, got {args.samples!r}") from None
     results = run_benchmarks(args.name, quick=args.quick, out_dir=Path(args.out), config=args.config,
                              strategies=strategies, seeds=args.seeds, sequence=args.sequence,
-                             compare_maps=args.maps, run_dir=args.run, samples=samples)
+                             compare_maps=args.maps, run_dir=args.run, samples=samples,
+                             test_shards=args.test_shards)
     print(json.dumps({k: v.get("summary", "") for k, v in results.items()}, indent=2))
     return 0
 
@@ -292,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--samples", default=None,
                        help="`inference` only: comma-separated K >= 2, extra rows with the run's mode averaging "
                             "the maps of K noise draws (eval.reconstruction.samples), e.g. 4,8")
+    bench.add_argument("--test-shards", default=None,
+                       help="`inference` only: score the test images of these shards (`cdad shards build`) instead "
+                            "of the run's own, e.g. a held-out draw of the same classes")
     bench.set_defaults(func=_cmd_bench)
     return parser
 

@@ -224,3 +224,29 @@ def test_predict_help_describes_every_option(capsys):
     undocumented = [a.dest for a in predict_parser._actions if a.dest != "help" and not a.help]
     assert undocumented == []
     assert {"--device", "--batch-size"} <= {o for a in predict_parser._actions for o in a.option_strings}
+
+
+def test_bench_inference_scores_a_held_out_draw_given_by_its_shards(tmp_path, trained):
+    """`cdad bench inference --run R --test-shards S`: the run's classes, S's test images (another draw, another
+    count per class), the run's own shards untouched; a class S lacks is an error naming it."""
+    import cdad_dist.bench.inference as bench
+    from cdad_dist.data.demo import make_demo_dataset
+
+    run_dir, _ = trained
+    held = make_demo_dataset(tmp_path / "held", size=32, n_train=1, n_test_good=3, n_test_bad=2, seed=5,
+                             classes=["carpet", "bottle"])
+    assert main(["shards", "build", "--dataset", "demo", "--root", str(held), "--out", str(tmp_path / "s")]) == 0
+    cfg = bench.InferenceBenchConfig(ddim_steps=2, repeats=1, batch_size=4, count_presets=(), seg_head=False)
+    result = bench.run(False, tmp_path / "out", cfg=cfg, run_dir=run_dir, test_shards=tmp_path / "s",
+                       log=lambda *_: None)
+    assert result["classes"] == ["demo/carpet", "demo/bottle"] and result["n_images"] == 10  # 5 per class here
+    assert result["test_shards"] == str(tmp_path / "s")
+    own = bench.run(False, tmp_path / "own", cfg=cfg, run_dir=run_dir, log=lambda *_: None)
+    assert own["n_images"] == 8 and own["test_shards"] is None  # the run's own test set: 4 per class
+    only_carpet = make_demo_dataset(tmp_path / "one", size=32, n_train=1, n_test_good=1, n_test_bad=1,
+                                    classes=["carpet"])
+    assert main(["shards", "build", "--dataset", "demo", "--root", str(only_carpet), "--out",
+                 str(tmp_path / "s1")]) == 0
+    with pytest.raises(CdadError, match="bottle"):
+        bench.run(False, tmp_path / "out1", cfg=cfg, run_dir=run_dir, test_shards=tmp_path / "s1",
+                  log=lambda *_: None)

@@ -31,7 +31,7 @@ CONFIGURABLE = ("inference", "continual")  # benchmarks that take a run config (
 def run_benchmarks(name: str, *, quick: bool, out_dir: Path, config: str | None = None,
                    strategies: list[str] | None = None, seeds: int = 1,
                    sequence: str | None = None, compare_maps: bool = False, run_dir: str | None = None,
-                   samples: list[int] | None = None) -> dict[str, Any]:
+                   samples: list[int] | None = None, test_shards: str | None = None) -> dict[str, Any]:
     names = list(BENCHMARKS) if name == "all" else [name]
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
@@ -57,6 +57,8 @@ def run_benchmarks(name: str, *, quick: bool, out_dir: Path, config: str | None 
             kwargs["run_dir"] = run_dir
         if samples and bench == "inference":
             kwargs["samples"] = samples
+        if test_shards and bench == "inference":
+            kwargs["test_shards"] = test_shards
         results[bench] = module.run(quick, out_dir / bench, **kwargs)
         seconds = time.perf_counter() - start
         if isinstance(results[bench], dict):

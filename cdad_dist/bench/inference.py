@@ -301,11 +301,12 @@ def _test_classes(run: LoadedRun) -> list[str]:
 
 
 def load_test_batches(run: LoadedRun, classes: Sequence[str], batch_size: int,
-                      max_per_class: int | None) -> list[dict]:
-    """Every test image of the classes as batches of one class each, decoded once, on the run's device."""
+                      max_per_class: int | None, shards: str | Path | None = None) -> list[dict]:
+    """Every test image of the classes as batches of one class each, decoded once, on the run's device; from
+    ``shards`` when given (a held-out set), else from the run's own ``data.shards``."""
     batches = []
     for cls in classes:
-        stream = eval_stream(run.cfg.data.shards, [cls], split="test", batch_size=batch_size,
+        stream = eval_stream(shards or run.cfg.data.shards, [cls], split="test", batch_size=batch_size,
                              image_size=run.image_size, limit=max_per_class, rank=0, world_size=1)
         for b in stream:
             batches.append({"x": b["image"].to(run.device), "label": b["label"], "mask": b["mask"], "cls": cls})
@@ -314,7 +315,8 @@ def load_test_batches(run: LoadedRun, classes: Sequence[str], batch_size: int,
 
 # -- the benchmark -----------------------------------------------------------------------------------------------
 def run(quick: bool, out_dir=None, *, cfg: InferenceBenchConfig | None = None, run_dir: str | Path | None = None,
-        config: str | None = None, samples: Sequence[int] = (), log=print) -> dict[str, Any]:
+        config: str | None = None, samples: Sequence[int] = (), test_shards: str | Path | None = None,
+        log=print) -> dict[str, Any]:
     """Train (or load) one model, measure the three modes, print one line per mode and the summary."""
     config = config or DEFAULT_CONFIG
     cfg = cfg or (InferenceBenchConfig.quick(config) if quick else InferenceBenchConfig(config=config))
@@ -329,7 +331,7 @@ def run(quick: bool, out_dir=None, *, cfg: InferenceBenchConfig | None = None, r
         run_dir, train_s = train_bench_model(cfg, work, log)
     loaded = load_run(run_dir, cfg.task)
     classes = cfg.task_classes() if trained_here else _test_classes(loaded)
-    batches = load_test_batches(loaded, classes, cfg.batch_size, cfg.max_test_per_class)
+    batches = load_test_batches(loaded, classes, cfg.batch_size, cfg.max_test_per_class, test_shards)
     modes = mode_configs(loaded.cfg.eval.reconstruction, cfg.ddim_steps, cfg.samples)
     measured = measure_modes(loaded.model, loaded.extractor, batches, loaded.cfg.eval, modes, repeats=cfg.repeats,
                              seed=loaded.cfg.eval.reconstruction.seed)
@@ -337,7 +339,8 @@ def run(quick: bool, out_dir=None, *, cfg: InferenceBenchConfig | None = None, r
                         cfg.ddim_steps)
     label = {"ddim": f"ddim-{cfg.ddim_steps}"}
     log(f"bench inference: {loaded.cfg.model.preset} model {loaded.image_size}px from {loaded.checkpoint.path}, "
-        f"{measured['n_images']} test images of {classes}, batch {cfg.batch_size}, median of {cfg.repeats} passes, "
+        f"{measured['n_images']} test images of {classes}" + (f" from {test_shards}" if test_shards else "")
+        + f", batch {cfg.batch_size}, median of {cfg.repeats} passes, "
         + (f"device {loaded.device}" if loaded.device.type != "cpu" else f"{torch.get_num_threads()} CPU thread(s)"))
     for name, r in measured["modes"].items():
         log(f"  {label.get(name, name):<9} denoising {r['denoise_ms_per_image']:8.2f} ms/image "
@@ -357,5 +360,6 @@ def run(quick: bool, out_dir=None, *, cfg: InferenceBenchConfig | None = None, r
     log(summary)
     return {"config": asdict(cfg), "run_dir": str(run_dir), "checkpoint": loaded.checkpoint.path.name,
             "image_size": loaded.image_size, "classes": list(classes), "train_s": train_s,
+            "test_shards": str(test_shards) if test_shards else None,
             "threads": torch.get_num_threads(), "device": str(loaded.device), **measured, "cost": costs,
             "target": target, "summary": summary}

@@ -45,6 +45,7 @@ class IsvdBenchConfig:
     noise: float = 1e-3  # isotropic noise std (s_0 = 1)
     seed: int = 0
     device: str = "cpu"
+    carry_gamma: float | None = None  # isvd's carried truncation; None: the strategy's default (sketches.py)
     features_dir: str | None = None  # set by run_on_model: blocks come from captured block_<j>.npy files
 
     @classmethod
@@ -83,7 +84,7 @@ def _peak_rss_bytes() -> int:
 
 
 def _worker(method: str, cfg_json: str, out_dir: str) -> None:
-    from cdad_dist.continual.sketches import GramSketch, IsvdPaperSketch, IsvdSketch
+    from cdad_dist.continual.sketches import GramSketch, IsvdPaperSketch, IsvdSketch, default_carry_gamma
 
     cfg = IsvdBenchConfig(**json.loads(cfg_json))
     device = torch.device(cfg.device)
@@ -113,7 +114,7 @@ def _worker(method: str, cfg_json: str, out_dir: str) -> None:
         basis = U[:, :k]
         np.save(out / "svd_econ_full_U.npy", U.double().cpu().numpy())
     else:
-        carry = 1.0 - (1.0 - cfg.gamma) / 10.0
+        carry = cfg.carry_gamma if cfg.carry_gamma is not None else default_carry_gamma(cfg.gamma)
         sketch = {"isvd_paper": lambda: IsvdPaperSketch(cfg.d, gamma=cfg.gamma, device=device),
                   "isvd": lambda: IsvdSketch(cfg.d, carry_gamma=carry, device=device),
                   "gram": lambda: GramSketch(cfg.d, device=device)}[method]()

@@ -178,7 +178,7 @@ class ContinualConfig:
     replay: ReplayConfig = field(default_factory=ReplayConfig)  # the `replay` / `cdad+replay` buffer
     memory_budget_mb: float = 256.0  # per layer: auto's cost model keeps each sketch's peak within it
     basis_dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"
-    isvd_carry_gamma: float | None = None  # None = 1 - (1 - gamma) / 10
+    isvd_carry_gamma: float | None = None  # None = 1 - (1 - gamma) / 100 (sketches.default_carry_gamma)
     isvd_max_rank: int | None = None
     isvd_buffer_columns: int | None = None  # columns buffered per SVD fold; None: d (isvd) or budget-sized (auto)
     plan_rank_fraction: float = 0.25  # basis rank / d assumed by auto's cost model and `cdad plan`

@@ -284,6 +284,19 @@ class GramSketch(Sketch):
         self._G, self._eig, self.n_columns = None, None, 0
 
 
+# The carried truncation drops at most this fraction of what the final γ drops: carry γ = 1 − (1 − γ)·fraction.
+# Different fold points (one stream vs a rank tree, another buffer size) then move the γ-basis by little: on the
+# layer-ownership test's net at γ = 0.999 the largest principal angle between the 2-rank and the 1-process basis
+# is 1.2e-2 rad at a fraction of 1/10 (1.5e-2 from the exact Gram basis), 2.8e-4 at 1/100 (6e-4 from exact), and
+# 2.2e-5 at 1/1000 (docs/benchmarks.md "Layer ownership").
+CARRY_TAIL_FRACTION = 0.01
+
+
+def default_carry_gamma(gamma: float) -> float:
+    """The iSVD carry γ used when none is configured (``continual.isvd_carry_gamma: null``)."""
+    return 1.0 - (1.0 - gamma) * CARRY_TAIL_FRACTION
+
+
 class IsvdSketch(Sketch):
     """Incremental SVD carrying U and Σ (B = U·Σ); the energy it discards stays ≤ (1 − carry_gamma) of the total
     (unless ``max_rank`` forces more), so ``basis(γ)`` with γ < carry_gamma can always reach γ of the true total.
@@ -298,7 +311,7 @@ class IsvdSketch(Sketch):
 
     kind = "isvd"
 
-    def __init__(self, d: int, carry_gamma: float = 0.9999, max_rank: int | None = None,
+    def __init__(self, d: int, carry_gamma: float = 0.99999, max_rank: int | None = None,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
                  chunk_columns: int | None = None, buffer_columns: int | None = None) -> None:
         super().__init__(d, device)
@@ -396,7 +409,7 @@ class IsvdSketch(Sketch):
 
     @classmethod
     def from_options(cls, d: int, options: SketchOptions, device=None) -> IsvdSketch:
-        carry = options.carry_gamma if options.carry_gamma is not None else 1.0 - (1.0 - options.gamma) / 10.0
+        carry = options.carry_gamma if options.carry_gamma is not None else default_carry_gamma(options.gamma)
         buffer = options.buffer_columns
         if buffer is None and options.kind == "auto":
             buffer = options.choice(d).buffer_columns
@@ -483,7 +496,7 @@ class SketchOptions:
     kind: str = "auto"
     gamma: float = 0.999
     memory_budget_mb: float = 256.0  # per layer: auto's cost model keeps each sketch's peak within it
-    carry_gamma: float | None = None  # isvd; None = 1 - (1-γ)/10
+    carry_gamma: float | None = None  # isvd; None = default_carry_gamma(γ) = 1 - (1-γ)/100
     max_rank: int | None = None  # isvd
     chunk_columns: int | None = None  # isvd
     buffer_columns: int | None = None  # isvd; None: d for `isvd`, sized to the budget by `auto`
