@@ -39,26 +39,17 @@ def run_benchmarks(name: str, *, quick: bool, out_dir: Path, config: str | None 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
+    own_options = {"continual": {"strategies": strategies, "seeds": seeds if seeds != 1 else None,
+                                 "sequence": sequence, "compare_maps": compare_maps},
+                   "inference": {"run_dir": run_dir, "samples": samples, "test_shards": test_shards}}
     machine = machine_info()
     lines = [f"# cdad bench {name}{' --quick' if quick else ''}", "", f"Machine: {machine['summary']}", ""]
     for bench in names:
         module = importlib.import_module(BENCHMARKS[bench])
         start = time.perf_counter()
         kwargs = {"config": config} if config is not None and bench in CONFIGURABLE else {}
-        if strategies and bench == "continual":
-            kwargs["strategies"] = strategies
-        if seeds != 1 and bench == "continual":
-            kwargs["seeds"] = seeds
-        if sequence and bench == "continual":
-            kwargs["sequence"] = sequence
-        if compare_maps and bench == "continual":
-            kwargs["compare_maps"] = True
-        if run_dir and bench == "inference":
-            kwargs["run_dir"] = run_dir
-        if samples and bench == "inference":
-            kwargs["samples"] = samples
-        if test_shards and bench == "inference":
-            kwargs["test_shards"] = test_shards
+        # each benchmark's own options, passed only when set (unset ones keep the benchmark's defaults)
+        kwargs.update({k: v for k, v in own_options.get(bench, {}).items() if v})
         results[bench] = module.run(quick, out_dir / bench, **kwargs)
         seconds = time.perf_counter() - start
         if isinstance(results[bench], dict):

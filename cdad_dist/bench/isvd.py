@@ -84,7 +84,7 @@ def _peak_rss_bytes() -> int:
 
 
 def _worker(method: str, cfg_json: str, out_dir: str) -> None:
-    from cdad_dist.continual.sketches import GramSketch, IsvdPaperSketch, IsvdSketch, default_carry_gamma
+    from cdad_dist.continual.sketches import SketchOptions, make_sketch
 
     cfg = IsvdBenchConfig(**json.loads(cfg_json))
     device = torch.device(cfg.device)
@@ -114,10 +114,8 @@ def _worker(method: str, cfg_json: str, out_dir: str) -> None:
         basis = U[:, :k]
         np.save(out / "svd_econ_full_U.npy", U.double().cpu().numpy())
     else:
-        carry = cfg.carry_gamma if cfg.carry_gamma is not None else default_carry_gamma(cfg.gamma)
-        sketch = {"isvd_paper": lambda: IsvdPaperSketch(cfg.d, gamma=cfg.gamma, device=device),
-                  "isvd": lambda: IsvdSketch(cfg.d, carry_gamma=carry, device=device),
-                  "gram": lambda: GramSketch(cfg.d, device=device)}[method]()
+        # built the way the strategy builds them (carry γ, buffering: the strategy's defaults)
+        sketch = make_sketch(cfg.d, SketchOptions(kind=method, gamma=cfg.gamma, carry_gamma=cfg.carry_gamma), device)
         block_bytes = 0
         for block in _blocks(cfg, device):
             block_bytes = max(block_bytes, block.numel() * block.element_size())

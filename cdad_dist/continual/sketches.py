@@ -311,7 +311,7 @@ class IsvdSketch(Sketch):
 
     kind = "isvd"
 
-    def __init__(self, d: int, carry_gamma: float = 0.99999, max_rank: int | None = None,
+    def __init__(self, d: int, carry_gamma: float = default_carry_gamma(0.999), max_rank: int | None = None,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
                  chunk_columns: int | None = None, buffer_columns: int | None = None) -> None:
         super().__init__(d, device)
